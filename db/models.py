@@ -1,0 +1,200 @@
+"""SQLAlchemy 2 typed models. Unique constraints make every task idempotent: a redelivered
+task finds its row and does nothing twice."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, list[float]: JSON}  # noqa: RUF012 (SQLAlchemy API)
+
+
+class Status(enum.StrEnum):
+    """queued: waiting for the router. routed: a tier was chosen, images and scores pending.
+    done and failed are final; failed carries a reason."""
+
+    QUEUED = "queued"
+    ROUTED = "routed"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Tier(enum.StrEnum):
+    EDGE = "edge"
+    CLOUD = "cloud"
+
+
+def _string_enum(cls: type[enum.StrEnum], name: str) -> Enum:
+    """Stored as plain strings (portable to the demo's SQLite), values not member names."""
+    return Enum(
+        cls, name=name, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]
+    )
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _utc_now_column() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class GenerationRequest(Base):
+    __tablename__ = "generation_requests"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_new_id)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    prompt: Mapped[str] = mapped_column(Text, nullable=False)
+    width: Mapped[int] = mapped_column(Integer, nullable=False)
+    height: Mapped[int] = mapped_column(Integer, nullable=False)
+    steps: Mapped[int] = mapped_column(Integer, nullable=False)
+    seed: Mapped[int] = mapped_column(Integer, nullable=False)
+    guidance_scale: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[Status] = mapped_column(
+        _string_enum(Status, "request_status"),
+        nullable=False,
+        default=Status.QUEUED,
+    )
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    created_at: Mapped[datetime] = _utc_now_column()
+    updated_at: Mapped[datetime] = _utc_now_column()
+
+    __table_args__ = (Index("ix_generation_requests_status_updated", "status", "updated_at"),)
+
+
+class RoutingDecision(Base):
+    __tablename__ = "routing_decisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("generation_requests.id", ondelete="CASCADE"), unique=True, nullable=False
+    )
+    router_version: Mapped[str] = mapped_column(String(200), nullable=False)
+    predicted_prs: Mapped[float] = mapped_column(Float, nullable=False)
+    predicted_metrics: Mapped[list[float] | None] = mapped_column(JSON)
+    alpha: Mapped[float] = mapped_column(Float, nullable=False)
+    wants_cloud: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    tier: Mapped[Tier] = mapped_column(
+        _string_enum(Tier, "tier"),
+        nullable=False,
+    )
+    explore: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    budget_reason: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = _utc_now_column()
+
+
+class Generation(Base):
+    __tablename__ = "generations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("generation_requests.id", ondelete="CASCADE"), nullable=False
+    )
+    tier: Mapped[Tier] = mapped_column(
+        _string_enum(Tier, "tier"),
+        nullable=False,
+    )
+    model: Mapped[str] = mapped_column(String(500), nullable=False)
+    image_path: Mapped[str] = mapped_column(String(500), nullable=False)
+    latency_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = _utc_now_column()
+
+    __table_args__ = (UniqueConstraint("request_id", "tier", name="uq_generations_request_tier"),)
+
+
+class QualityScore(Base):
+    __tablename__ = "quality_scores"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    generation_id: Mapped[int] = mapped_column(
+        ForeignKey("generations.id", ondelete="CASCADE"), nullable=False
+    )
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("generation_requests.id", ondelete="CASCADE"), nullable=False
+    )
+    tier: Mapped[Tier] = mapped_column(
+        _string_enum(Tier, "tier"),
+        nullable=False,
+    )
+    metrics_version: Mapped[str] = mapped_column(String(32), nullable=False)
+    scores: Mapped[dict[str, Any]] = mapped_column(nullable=False)
+    mean_score: Mapped[float] = mapped_column(Float, nullable=False)
+    created_at: Mapped[datetime] = _utc_now_column()
+
+    __table_args__ = (
+        UniqueConstraint("generation_id", "metrics_version", name="uq_quality_scores_generation"),
+        Index("ix_quality_scores_request", "request_id"),
+    )
+
+
+class TrainingPair(Base):
+    """Both tiers' raw metric vectors for one prompt. D_i and PRS depend on the per-tier
+    means, so they are recomputed whenever the router is trained."""
+
+    __tablename__ = "training_pairs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("generation_requests.id", ondelete="CASCADE"), unique=True, nullable=False
+    )
+    metrics_version: Mapped[str] = mapped_column(String(32), nullable=False)
+    edge_scores: Mapped[list[float]] = mapped_column(nullable=False)
+    cloud_scores: Mapped[list[float]] = mapped_column(nullable=False)
+    created_at: Mapped[datetime] = _utc_now_column()
+
+
+class RouterVersion(Base):
+    __tablename__ = "router_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
+    kind: Mapped[str] = mapped_column(String(50), nullable=False)
+    path: Mapped[str] = mapped_column(String(500), nullable=False)
+    n_train_pairs: Mapped[int] = mapped_column(Integer, nullable=False)
+    evaluation: Mapped[dict[str, Any]] = mapped_column(nullable=False)
+    is_active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[datetime] = _utc_now_column()
+    promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index(
+            "uq_router_versions_one_active",
+            "is_active",
+            unique=True,
+            postgresql_where=text("is_active"),
+            sqlite_where=text("is_active"),
+        ),
+    )

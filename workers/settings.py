@@ -1,0 +1,108 @@
+"""The one settings object: environment variables with prefix ``T2IROUTE_``, read once."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="T2IROUTE_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # Servers. The defaults are the local services of a development machine.
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str | None = None
+    # For the serverless demo broker (filesystem://): the folder messages pass through.
+    broker_folder: Path | None = None
+    task_events: bool = True
+    redis_url: str = "redis://127.0.0.1:6379/1"
+
+    # Storage.
+    image_store: Path = Path("var/images")
+    model_store: Path = Path("var/routers")
+
+    # Models per tier: a local directory or a hub id, loaded with from_pretrained.
+    edge_model: str = "var/models/edge"
+    cloud_model: str = "var/models/cloud"
+    clip_model: str = "var/models/clip"
+    model_revision: str | None = None
+    device: str = "cpu"
+    torch_dtype: str = "float32"
+
+    # Router: the active version comes from router_versions; this policy serves until one exists.
+    default_policy: str = "noun_count"
+    router_encoder: str | None = None
+    router_reload_seconds: float = 30.0
+    calibration_window: int = Field(default=500, ge=10)
+
+    # Budget keeper.
+    cloud_ratio: float = Field(default=0.3, ge=0.0, le=1.0)
+    cloud_burst: float = Field(default=5.0, ge=1.0)
+    cloud_rate_per_second: float | None = Field(default=None, gt=0.0)
+    cloud_rate_burst: float = Field(default=10.0, ge=1.0)
+    exploration_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    exploration_burst: float = Field(default=2.0, ge=1.0)
+    budget_key_prefix: str = "t2iroute:budget"
+    # Longest a routing decision may wait on the budget Redis before it routes to edge.
+    budget_redis_timeout_seconds: float = Field(default=0.25, gt=0.0, le=5.0)
+
+    # Queues.
+    queue_route: str = "route"
+    queue_edge: str = "edge"
+    queue_cloud: str = "cloud"
+    queue_quality: str = "quality"
+    queue_maintenance: str = "maintenance"
+
+    # Request limits, checked at the producer.
+    max_prompt_chars: int = Field(default=2000, ge=1)
+    min_side: int = 32
+    max_side: int = 2048
+    max_steps: int = 150
+    default_width: int = 64
+    default_height: int = 64
+    default_steps: int = 2
+
+    # Reliability.
+    max_attempts: int = Field(default=3, ge=1)
+    task_time_limit: int = Field(default=600, ge=1)
+    task_soft_time_limit: int = Field(default=540, ge=1)
+    visibility_timeout: int = Field(default=3600, ge=1)
+    stuck_after_seconds: int = Field(default=900, ge=1)
+    sweep_interval_seconds: float = 60.0
+    retrain_interval_seconds: float = 3600.0
+    retrain_min_pairs: int = Field(default=50, ge=4)
+    worker_max_memory_per_child_kb: int | None = None
+
+    # Flower.
+    flower_basic_auth: str | None = None
+
+    @model_validator(mode="after")
+    def _limits_are_ordered(self) -> Settings:
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ValueError("task_soft_time_limit must be below task_time_limit")
+        if self.visibility_timeout <= self.task_time_limit:
+            raise ValueError("visibility_timeout must exceed task_time_limit (see DESIGN.md)")
+        if self.min_side > self.max_side:
+            raise ValueError("min_side must not exceed max_side")
+        return self
+
+    @property
+    def queues(self) -> dict[str, str]:
+        return {
+            "route": self.queue_route,
+            "edge": self.queue_edge,
+            "cloud": self.queue_cloud,
+            "quality": self.queue_quality,
+            "maintenance": self.queue_maintenance,
+        }
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
