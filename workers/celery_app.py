@@ -1,0 +1,86 @@
+"""The one Celery app. Routing of tasks to queues and every reliability setting is
+configuration here, following DESIGN.md's reliability rules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from db.session import dispose_engines
+from workers.settings import Settings, get_settings
+
+TASK_ROUTE = "t2iroute.route"
+TASK_GENERATE_EDGE = "t2iroute.generate_edge"
+TASK_GENERATE_CLOUD = "t2iroute.generate_cloud"
+TASK_SCORE = "t2iroute.score"
+TASK_SWEEP = "t2iroute.sweep"
+TASK_RETRAIN = "t2iroute.retrain"
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    if settings.broker_url.startswith("filesystem"):
+        if settings.broker_folder is None:
+            raise ValueError("a filesystem:// broker needs T2IROUTE_BROKER_FOLDER")
+        folder = str(settings.broker_folder)
+        return {"data_folder_in": folder, "data_folder_out": folder, "store_processed": False}
+    # Redis redelivers an unacknowledged message only after the visibility timeout, so it
+    # must outlast the longest task or a slow task runs twice.
+    return {"visibility_timeout": settings.visibility_timeout}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    transport_options = _transport_options(settings)
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        # JSON only: a pickle left in accept_content is a remote-code path.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # The state lives in the database; results would only fill the backend.
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_max_memory_per_child": settings.worker_max_memory_per_child_kb,
+        "task_time_limit": settings.task_time_limit,
+        "task_soft_time_limit": settings.task_soft_time_limit,
+        "task_default_queue": settings.queue_route,
+        "task_routes": {
+            TASK_ROUTE: {"queue": settings.queue_route},
+            TASK_GENERATE_EDGE: {"queue": settings.queue_edge},
+            TASK_GENERATE_CLOUD: {"queue": settings.queue_cloud},
+            TASK_SCORE: {"queue": settings.queue_quality},
+            TASK_SWEEP: {"queue": settings.queue_maintenance},
+            TASK_RETRAIN: {"queue": settings.queue_maintenance},
+        },
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
+        "beat_schedule": {
+            "sweep": {"task": TASK_SWEEP, "schedule": settings.sweep_interval_seconds},
+            "retrain": {"task": TASK_RETRAIN, "schedule": settings.retrain_interval_seconds},
+        },
+        "timezone": "UTC",
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    app = Celery("t2iroute", include=["workers.tasks"])
+    app.conf.update(celery_config(settings or get_settings()))
+    return app
+
+
+app = create_app()
+
+
+@worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    # Pooled database connections inherited from the parent are not fork-safe.
+    dispose_engines()

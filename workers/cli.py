@@ -1,0 +1,188 @@
+"""The ``t2iroute`` command line (typer). Each command is a thin wrapper over a function
+in workers/ or routing/; heavy imports happen inside the commands that need them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from workers.settings import get_settings
+
+app = typer.Typer(help="Edge-cloud routing for text-to-image generation.", no_args_is_help=True)
+models_app = typer.Typer(help="Model artefacts.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command()
+def migrate(
+    check: Annotated[
+        bool, typer.Option(help="Only check that models and migrations agree.")
+    ] = False,
+) -> None:
+    """Upgrade the database to the newest schema (alembic upgrade head)."""
+    from db import migrate as db_migrate
+
+    url = get_settings().database_url
+    db_migrate.upgrade(url)
+    if check:
+        db_migrate.check(url)
+    console.print("[green]database is at the newest revision[/green]")
+
+
+@app.command()
+def worker(
+    queues: Annotated[
+        str, typer.Option(help="Comma-separated queues, e.g. route,quality.")
+    ] = "route,edge,cloud,quality,maintenance",
+    pool: Annotated[str, typer.Option(help="Celery pool; GPU queues want solo.")] = "prefork",
+    concurrency: Annotated[int, typer.Option(min=1)] = 1,
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+    hostname: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Run a Celery worker on the given queues (a thin wrapper of `celery worker`)."""
+    from workers.celery_app import app as celery_app
+
+    settings = get_settings()
+    names = [settings.queues.get(q.strip(), q.strip()) for q in queues.split(",") if q.strip()]
+    argv = [
+        "worker",
+        f"--queues={','.join(names)}",
+        f"--pool={pool}",
+        f"--concurrency={concurrency}",
+        f"--loglevel={loglevel}",
+    ]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    if settings.broker_url.startswith("filesystem"):
+        # A filesystem broker has no fanout exchange for worker-to-worker chatter.
+        argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+    celery_app.worker_main(argv)
+
+
+@app.command()
+def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+    """Run the periodic scheduler (sweeper and retraining)."""
+    from workers.celery_app import app as celery_app
+
+    celery_app.start(["beat", f"--loglevel={loglevel}"])
+
+
+@app.command()
+def submit(
+    prompt: Annotated[str, typer.Argument(help="The text prompt.")],
+    width: Annotated[int | None, typer.Option()] = None,
+    height: Annotated[int | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    guidance_scale: Annotated[float | None, typer.Option()] = None,
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Submit one prompt; prints the request id."""
+    from workers.producer import InvalidRequest
+    from workers.producer import submit as submit_request
+
+    try:
+        result = submit_request(
+            prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            idempotency_key=idempotency_key,
+        )
+    except InvalidRequest as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    typer.echo(result.request_id)
+    if not result.created:
+        console.print(
+            "[yellow]an earlier request with this idempotency key exists[/yellow]", style="dim"
+        )
+
+
+@app.command()
+def status(request_id: str) -> None:
+    """Show where a request stands, as JSON."""
+    from workers.producer import describe
+
+    info = describe(request_id)
+    if info is None:
+        console.print(f"[red]no request {request_id}[/red]")
+        raise typer.Exit(1)
+    typer.echo(json.dumps(info, indent=2))
+
+
+@app.command()
+def sweep() -> None:
+    """Re-enqueue stuck requests once, now (beat does this periodically)."""
+    from workers.tasks import sweep as sweep_task
+
+    console.print(f"re-enqueued {sweep_task()} tasks")
+
+
+@app.command()
+def retrain() -> None:
+    """Train a candidate router on the stored pairs now, and promote it if it routes better."""
+    from workers.retrain import retrain_router
+
+    _logging("INFO")
+    typer.echo(json.dumps(retrain_router(get_settings()).as_dict(), indent=2))
+
+
+@app.command()
+def demo(
+    prompts: Annotated[Path | None, typer.Option(help="One prompt per line.")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Where the demo keeps its files.")] = None,
+    embedded: Annotated[
+        bool | None,
+        typer.Option(
+            "--embedded/--servers",
+            help=(
+                "Run with no servers (SQLite, filesystem broker); default: embedded "
+                "unless T2IROUTE_DATABASE_URL or T2IROUTE_BROKER_URL is set."
+            ),
+        ),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for every request.")] = 300.0,
+) -> None:
+    """Run the whole flow on tiny models and print a summary."""
+    from workers.demo import run_demo
+
+    _logging("WARNING")
+    summary = run_demo(prompts=prompts, workdir=workdir, embedded=embedded, timeout=timeout)
+    summary.print(console)
+    if summary.unfinished:
+        raise typer.Exit(1)
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+) -> None:
+    """Serve the HTTP producer API (FastAPI) with Prometheus metrics."""
+    import uvicorn
+
+    uvicorn.run("workers.api:app", host=host, port=port, log_level="info")
+
+
+@models_app.command("make-tiny")
+def make_tiny(directory: Path) -> None:
+    """Build tiny edge, cloud and CLIP models from configs, offline, into DIRECTORY."""
+    from workers.models import make_tiny as build
+
+    for name, path in build(directory).items():
+        console.print(f"{name}: {path}")
