@@ -4,10 +4,11 @@ are conditional, so a late or duplicate delivery changes nothing."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, func, inspect, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -25,7 +26,8 @@ from db.models import (
 
 
 def insert_ignore(session: Session, model: type[Base], values: dict[str, Any]) -> bool:
-    """Insert one row unless a unique constraint already holds it. True if inserted."""
+    """Insert one row unless a unique constraint already holds it. True if inserted.
+    RETURNING, not rowcount: drivers disagree on rowcount for ON CONFLICT DO NOTHING."""
     dialect = session.get_bind().dialect.name
     statement: postgresql.Insert | sqlite.Insert
     if dialect == "postgresql":
@@ -34,7 +36,8 @@ def insert_ignore(session: Session, model: type[Base], values: dict[str, Any]) -
         statement = sqlite.insert(model).values(**values).on_conflict_do_nothing()
     else:
         raise RuntimeError(f"unsupported database dialect {dialect!r}")
-    return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+    key = inspect(model).primary_key[0]
+    return session.execute(statement.returning(key)).first() is not None
 
 
 def transition(
@@ -156,6 +159,10 @@ def active_router_version(session: Session) -> RouterVersion | None:
     return session.scalar(select(RouterVersion).where(RouterVersion.is_active.is_(True)))
 
 
+def router_version(session: Session, version: str) -> RouterVersion | None:
+    return session.scalar(select(RouterVersion).where(RouterVersion.version == version))
+
+
 def promote_router_version(session: Session, version_id: int) -> None:
     """Make one version the only active one, in one transaction."""
     session.execute(
@@ -200,3 +207,59 @@ def status_counts(session: Session) -> dict[str, int]:
         select(GenerationRequest.status, func.count()).group_by(GenerationRequest.status)
     )
     return {Status(status).value: int(n) for status, n in rows}
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    done: int
+    failed: int
+    unfinished: int
+    cloud_share: float
+    explored: int
+    mean_quality: dict[str, float]
+    images: int
+    failures: list[str]
+
+
+def batch_report(session: Session, request_ids: Sequence[str]) -> BatchReport:
+    """Outcome of a set of requests: states, routing shares, quality per tier."""
+    ids = list(request_ids)
+    statuses = dict(
+        session.execute(
+            select(GenerationRequest.id, GenerationRequest.status).where(
+                GenerationRequest.id.in_(ids)
+            )
+        ).tuples()
+    )
+    tiers = list(
+        session.execute(
+            select(RoutingDecision.tier, RoutingDecision.explore).where(
+                RoutingDecision.request_id.in_(ids)
+            )
+        ).tuples()
+    )
+    quality = session.execute(
+        select(QualityScore.tier, func.avg(QualityScore.mean_score))
+        .where(QualityScore.request_id.in_(ids))
+        .group_by(QualityScore.tier)
+    ).tuples()
+    images = session.scalar(
+        select(func.count()).select_from(Generation).where(Generation.request_id.in_(ids))
+    )
+    failures = session.execute(
+        select(GenerationRequest.id, GenerationRequest.failure_reason).where(
+            GenerationRequest.id.in_(ids), GenerationRequest.status == Status.FAILED
+        )
+    ).tuples()
+    done = sum(1 for s in statuses.values() if s == Status.DONE)
+    failed = sum(1 for s in statuses.values() if s == Status.FAILED)
+    return BatchReport(
+        done=done,
+        failed=failed,
+        unfinished=len(ids) - done - failed,
+        cloud_share=sum(1 for t, _ in tiers if t == Tier.CLOUD) / len(tiers) if tiers else 0.0,
+        explored=sum(1 for _, e in tiers if e),
+        mean_quality={Tier(t).value: float(q) for t, q in quality},
+        images=int(images or 0),
+        failures=[f"{rid}: {reason}" for rid, reason in failures],
+    )

@@ -30,6 +30,14 @@ class InvalidRequest(ValueError):
     """The request was refused before anything was written or enqueued."""
 
 
+def _settings(info: ValidationInfo) -> Settings:
+    """The settings the caller validates against, passed as validation context."""
+    if not isinstance(info.context, dict) or "settings" not in info.context:
+        raise RuntimeError("RequestSpec is validated through parse_request(settings, ...)")
+    settings: Settings = info.context["settings"]
+    return settings
+
+
 class RequestSpec(BaseModel):
     """A request as a client states it; limits come from the settings (validation context)."""
 
@@ -46,7 +54,7 @@ class RequestSpec(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, prompt: str, info: ValidationInfo) -> str:
-        settings: Settings = info.context["settings"]
+        settings = _settings(info)
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError:
@@ -65,7 +73,7 @@ class RequestSpec(BaseModel):
     @field_validator("width", "height")
     @classmethod
     def _side(cls, side: int | None, info: ValidationInfo) -> int | None:
-        settings: Settings = info.context["settings"]
+        settings = _settings(info)
         if side is None:
             return None
         if not settings.min_side <= side <= settings.max_side or side % 8:
@@ -77,7 +85,7 @@ class RequestSpec(BaseModel):
     @field_validator("steps")
     @classmethod
     def _steps(cls, steps: int | None, info: ValidationInfo) -> int | None:
-        settings: Settings = info.context["settings"]
+        settings = _settings(info)
         if steps is not None and not 1 <= steps <= settings.max_steps:
             raise ValueError(f"must be between 1 and {settings.max_steps}")
         return steps

@@ -1,0 +1,120 @@
+"""Real services for integration tests: a fresh Postgres database, clean Redis numbers,
+and Celery workers started as subprocesses of the t2iroute CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import redis
+
+from tests.environment import POSTGRES_ADMIN_URL, SCRATCH, TEST_DATABASE
+
+
+def recreate_database(name: str = TEST_DATABASE) -> None:
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def flush_redis(*urls: str) -> None:
+    for url in urls:
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        client.close()
+
+
+@contextmanager
+def celery_worker(
+    queues: str,
+    name: str,
+    *,
+    env: dict[str, str] | None = None,
+    pool: str = "solo",
+    ready_timeout: float = 120.0,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real worker process, up (answering ping) before the block runs, stopped after."""
+    from workers.celery_app import app
+
+    log_path = SCRATCH / f"worker-{name}-{os.getpid()}.log"
+    hostname = f"{name}-{os.getpid()}@test"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "workers.cli",
+                "worker",
+                "--queues",
+                queues,
+                "--pool",
+                pool,
+                "--hostname",
+                hostname,
+                "--loglevel",
+                "INFO",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    try:
+        _wait_ready(app, hostname, process, log_path, ready_timeout)
+        yield process
+    finally:
+        stop(process)
+
+
+def _wait_ready(
+    app: object, hostname: str, process: subprocess.Popen[bytes], log: Path, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"worker exited early:\n{log.read_text()[-4000:]}")
+        replies = app.control.ping(destination=[hostname], timeout=0.5)  # type: ignore[attr-defined]
+        if replies:
+            return
+    raise TimeoutError(f"worker {hostname} not ready:\n{log.read_text()[-4000:]}")
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_until_final(request_ids: Sequence[str], timeout: float) -> dict[str, str]:
+    """Poll the database until every request is done or failed; return their states."""
+    from db.models import GenerationRequest
+    from db.session import session_scope
+    from workers.settings import get_settings
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope(get_settings().database_url) as session:
+            rows = session.query(GenerationRequest.id, GenerationRequest.status).filter(
+                GenerationRequest.id.in_(list(request_ids))
+            )
+            states = {rid: status.value for rid, status in rows}
+        if all(states.get(r) in ("done", "failed") for r in request_ids):
+            return states
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"requests not final after {timeout}s: {states}")
+        time.sleep(0.3)
