@@ -56,7 +56,8 @@ class Router(Protocol):
     Only the order of the predictions matters to the policy; calibration picks the threshold.
     """
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def fit(self, train: PairTable) -> None: ...
 
@@ -67,7 +68,8 @@ class Router(Protocol):
 class PersistentRouter(Router, Protocol):
     """A router that can be saved to a directory and loaded back by ``routing.registry``."""
 
-    kind: str
+    @property
+    def kind(self) -> str: ...
 
     def save(self, path: Path) -> None: ...
 

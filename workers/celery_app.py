@@ -61,6 +61,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             TASK_SWEEP: {"queue": settings.queue_maintenance},
             TASK_RETRAIN: {"queue": settings.queue_maintenance},
         },
+        # A filesystem broker has no fanout exchange for remote control (pidbox).
+        "worker_enable_remote_control": not settings.broker_url.startswith("filesystem"),
         "worker_send_task_events": settings.task_events,
         "task_send_sent_event": settings.task_events,
         "beat_schedule": {

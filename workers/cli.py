@@ -180,9 +180,80 @@ def api(
 
 
 @models_app.command("make-tiny")
-def make_tiny(directory: Path) -> None:
+def make_tiny(
+    directory: Path,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
     """Build tiny edge, cloud and CLIP models from configs, offline, into DIRECTORY."""
     from workers.models import make_tiny as build
 
-    for name, path in build(directory).items():
+    for name, path in build(directory, seed=seed).items():
         console.print(f"{name}: {path}")
+
+
+@models_app.command("make-pairs")
+def make_pairs(
+    prompts: Annotated[Path, typer.Option(help="One prompt per line; '#' starts a comment.")],
+    out: Annotated[Path, typer.Option(help="CSV to write: prompt, edge_<m>, cloud_<m>.")],
+    models: Annotated[
+        Path | None,
+        typer.Option(
+            help="A folder with edge/, cloud/ and clip/ (as make-tiny writes); "
+            "default: T2IROUTE_EDGE_MODEL, T2IROUTE_CLOUD_MODEL and T2IROUTE_CLIP_MODEL."
+        ),
+    ] = None,
+    width: Annotated[int | None, typer.Option(min=8)] = None,
+    height: Annotated[int | None, typer.Option(min=8)] = None,
+    steps: Annotated[int | None, typer.Option(min=1)] = None,
+    seed: Annotated[int, typer.Option(help="Prompt i uses seed + i on both tiers.")] = 0,
+) -> None:
+    """Generate every prompt on both tiers, score both images on every metric, write a table."""
+    from routing.quality import ContrastiveQualityScorer
+    from workers.demo import demo_prompts
+    from workers.models import load_clip, load_pipeline
+    from workers.pairs import make_pair_table, write_metric_table
+
+    settings = get_settings()
+    texts = demo_prompts(prompts)
+    if not texts:
+        console.print(f"[red]{prompts} holds no prompts[/red]")
+        raise typer.Exit(2)
+    paths = (
+        {tier: str(models / tier) for tier in ("edge", "cloud", "clip")}
+        if models is not None
+        else {
+            "edge": settings.edge_model,
+            "cloud": settings.cloud_model,
+            "clip": settings.clip_model,
+        }
+    )
+    device, dtype, revision = settings.device, settings.torch_dtype, settings.model_revision
+    try:
+        pipes = {
+            tier: load_pipeline(paths[tier], device=device, torch_dtype=dtype, revision=revision)
+            for tier in ("edge", "cloud")
+        }
+        model, processor = load_clip(paths["clip"], device=device, revision=revision)
+    except OSError as exc:
+        console.print(f"[red]cannot load the models: {exc}[/red]")
+        raise typer.Exit(2) from None
+    table = make_pair_table(
+        texts,
+        pipes["edge"],
+        pipes["cloud"],
+        ContrastiveQualityScorer(model, processor, device=device),
+        width=width or settings.default_width,
+        height=height or settings.default_height,
+        steps=steps or settings.default_steps,
+        seed=seed,
+    )
+    write_metric_table(table, out)
+    edge_wins = int((table.edge.mean(axis=1) > table.cloud.mean(axis=1)).sum())
+    console.print(
+        f"{len(table)} pairs x {len(table.metrics)} metrics -> {out} "
+        f"(edge better on mean quality for {edge_wins})"
+    )
+
+
+if __name__ == "__main__":
+    app()

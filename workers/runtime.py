@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from diffusers import DiffusionPipeline
+import numpy as np
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from sqlalchemy.orm import Session
 
 from db import queries
@@ -100,7 +101,7 @@ class RouterService:
                 session, self.settings.calibration_window, router_version=self._version
             )
             self._alpha = (
-                calibrate_alpha(recent, self.settings.cloud_ratio)
+                calibrate_alpha(np.asarray(recent), self.settings.cloud_ratio)
                 if len(recent) >= MIN_CALIBRATION_SAMPLE
                 else NEUTRAL_ALPHA
             )

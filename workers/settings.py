@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,7 +42,8 @@ class Settings(BaseSettings):
     router_reload_seconds: float = 30.0
     calibration_window: int = Field(default=500, ge=10)
 
-    # Budget keeper.
+    # Budget keeper: shared buckets in Redis, or in-process for a single router (embedded demo).
+    budget_backend: Literal["redis", "local"] = "redis"
     cloud_ratio: float = Field(default=0.3, ge=0.0, le=1.0)
     cloud_burst: float = Field(default=5.0, ge=1.0)
     cloud_rate_per_second: float | None = Field(default=None, gt=0.0)

@@ -44,7 +44,8 @@ def missing_work(session: Session, request_id: str) -> list[Resend]:
 
 
 def sweep_stuck(session: Session, settings: Settings) -> list[Resend]:
-    now: datetime = session.scalar(select(func.now()))  # the database's clock, not ours
+    now = session.scalar(select(func.now()))  # the database's clock, not ours
+    assert isinstance(now, datetime)
     stuck = queries.stuck_requests(
         session, timedelta(seconds=settings.stuck_after_seconds), now=now
     )

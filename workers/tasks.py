@@ -23,7 +23,7 @@ from db import queries
 from db.models import GenerationRequest, Tier
 from db.session import session_scope
 from workers import stages
-from workers.budget import BudgetKeeper
+from workers.budget import BudgetKeeper, budget_keeper_from_settings
 from workers.celery_app import (
     TASK_GENERATE_CLOUD,
     TASK_GENERATE_EDGE,
@@ -59,7 +59,7 @@ def router_service() -> RouterService:
 
 @lru_cache(maxsize=1)
 def budget_keeper() -> BudgetKeeper:
-    return BudgetKeeper.from_settings(get_settings())
+    return budget_keeper_from_settings(get_settings())
 
 
 @lru_cache(maxsize=1)
