@@ -11,11 +11,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from workers.eval_cli import eval_app
 from workers.settings import get_settings
 
 app = typer.Typer(help="Edge-cloud routing for text-to-image generation.", no_args_is_help=True)
 models_app = typer.Typer(help="Model artefacts.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(eval_app, name="eval")
 console = Console()
 
 

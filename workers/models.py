@@ -1,0 +1,419 @@
+"""Model loading for the edge, cloud and quality workers, and the tiny stand-ins tests use.
+
+Real weights are configuration: every model loads through ``from_pretrained(path_or_id)`` with
+safetensors only and no remote code, so the tiny models that ``make_tiny`` saves go through the
+very code path a production SD2.1 / SD3 / CLIP checkpoint takes. The tiny models follow
+diffusers' ``get_dummy_components`` (tests/pipelines): the same classes as the real ones, built
+from small configs with fixed seeds, so the whole system runs offline on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+# From their modules rather than the package root, whose lazy namespace type checkers resolve
+# to diffusers' placeholder classes.
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+    StableDiffusion3Pipeline,
+)
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+    FlowMatchEulerDiscreteScheduler,
+)
+from PIL import Image
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+from routing.metrics import METRICS
+
+TIERS: tuple[str, ...] = ("edge", "cloud", "clip")
+
+_DEFAULT_REVISION = "main"  # the hub's default branch; ignored for local folders
+
+# SD3 can run without its T5 encoder (diffusers then feeds zeros in its place); the tiny cloud
+# model has none, and an operator may drop it from a real checkout to save 9 GB.
+_SD3_OPTIONAL_ENCODERS: tuple[str, ...] = ("text_encoder_3", "tokenizer_3")
+
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+_MAX_TOKENS = 77  # CLIP's context length; diffusers pads every prompt to it.
+
+# Whole-word merges for these, so the metric texts and everyday prompts tokenize as words;
+# anything else still tokenizes, byte by byte.
+_COMMON_WORDS: tuple[str, ...] = ("a", "an", "the", "of", "in", "on", "and", "at", "cat", "dog")
+
+
+def make_tiny(dest: Path, *, seed: int = 0) -> dict[str, Path]:
+    """Build and save tiny edge, cloud and CLIP models under ``dest``; return their folders.
+
+    Offline and deterministic for a seed. The cloud model differs from the edge one in every
+    part (transformer instead of UNet, 16 latent channels, two text encoders, flow matching),
+    as SD3 differs from SD2.1, and is the larger of the two, so their images and their costs
+    differ the way the real tiers' do.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tiny_tokenizer()
+    paths = {tier: dest / tier for tier in TIERS}
+    _tiny_edge(tokenizer, seed).save_pretrained(paths["edge"], safe_serialization=True)
+    _tiny_cloud(tokenizer, seed).save_pretrained(paths["cloud"], safe_serialization=True)
+    model, processor = _tiny_clip(tokenizer, seed)
+    model.save_pretrained(paths["clip"], safe_serialization=True)
+    processor.save_pretrained(paths["clip"])
+    return paths
+
+
+def load_pipeline(
+    path_or_id: str,
+    *,
+    device: str = "cpu",
+    torch_dtype: str = "float32",
+    revision: str | None = None,
+) -> DiffusionPipeline:
+    """Load a diffusers pipeline from a local folder or a hub id, ready to generate.
+
+    ``use_safetensors=True`` makes diffusers refuse pickled weights instead of falling back
+    to them, and remote code is never trusted; the pipeline class comes from the folder's
+    ``model_index.json``.
+    """
+    _check_local_model(path_or_id)
+    extra = _absent_optional_encoders(path_or_id, revision)
+    pipe = DiffusionPipeline.from_pretrained(
+        path_or_id,
+        use_safetensors=True,
+        trust_remote_code=False,
+        revision=revision,
+        dtype=_dtype(torch_dtype),
+        **extra,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def generate(
+    pipe: DiffusionPipeline,
+    prompt: str,
+    *,
+    width: int,
+    height: int,
+    steps: int,
+    seed: int,
+    guidance_scale: float | None = None,
+) -> Image.Image:
+    """One image for one prompt; the same seed on the same device gives the same image.
+
+    ``guidance_scale=None`` keeps the pipeline's own default, which differs between SD2.1
+    and SD3.
+    """
+    generator = torch.Generator(device=pipe.device).manual_seed(seed)
+    kwargs: dict[str, Any] = {}
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    # Every concrete pipeline is callable; the base class declares no __call__.
+    run = cast(Callable[..., Any], pipe)
+    result = run(
+        prompt,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        generator=generator,
+        output_type="pil",
+        **kwargs,
+    )
+    image: Image.Image = result.images[0]
+    return image
+
+
+def load_clip(
+    path_or_id: str, *, device: str = "cpu", revision: str | None = None
+) -> tuple[CLIPModel, CLIPProcessor]:
+    """Load the CLIP model that scores image quality, in float32 and evaluation mode.
+
+    Float32 whatever the checkpoint's dtype: quality scores are compared across tiers and
+    over time, so they should not depend on the precision the weights were shipped in.
+    """
+    _check_local_model(path_or_id)
+    model = CLIPModel.from_pretrained(
+        path_or_id,
+        use_safetensors=True,
+        trust_remote_code=False,
+        revision=revision or _DEFAULT_REVISION,
+        dtype=torch.float32,
+    )
+    processor = CLIPProcessor.from_pretrained(path_or_id, revision=revision or _DEFAULT_REVISION)
+    # transformers types its wrapper of Module.to as if it took the model again.
+    return model.to(device).eval(), processor  # type: ignore[arg-type]
+
+
+class ModelFolderError(OSError):
+    """A model path that cannot be loaded as configured: missing, or pickled weights only."""
+
+
+_PICKLED_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl"})
+
+
+def _check_local_model(path_or_id: str) -> None:
+    """Fail early, with the reason, on a local path the loaders would only half explain.
+
+    A path that exists, or that cannot be a hub id (``namespace/name``), is a local folder;
+    the libraries would otherwise report it as a failed hub download. A folder in which some
+    part has pickled weights and no safetensors is refused by name, since loading pickles
+    runs arbitrary code.
+    """
+    local = Path(path_or_id).expanduser()
+    if not local.exists():
+        if local.is_absolute() or path_or_id.startswith((".", "~")) or path_or_id.count("/") > 1:
+            raise ModelFolderError(f"no model folder at {path_or_id}")
+        return
+    if not local.is_dir():
+        raise ModelFolderError(f"{path_or_id} is a file; expected a model folder")
+    folders = {path.parent for path in local.rglob("*") if path.suffix in _PICKLED_SUFFIXES}
+    for folder in sorted(folders):
+        if not any(folder.glob("*.safetensors")):
+            raise ModelFolderError(
+                f"{folder} holds pickled weights only; models load from safetensors only "
+                "(convert them, e.g. save_pretrained(..., safe_serialization=True))"
+            )
+
+
+def _dtype(name: str) -> torch.dtype:
+    """``"float16"`` -> ``torch.float16``; settings hold dtypes as strings."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype {name!r}")
+    return dtype
+
+
+def _absent_optional_encoders(path_or_id: str, revision: str | None) -> dict[str, None]:
+    """``{"text_encoder_3": None, ...}`` for SD3 encoders the checkpoint does not ship.
+
+    Without these overrides ``from_pretrained`` insists on loading every component listed in
+    ``model_index.json``. A local folder counts as lacking a component when its subfolder is
+    missing, even if the index still names it.
+    """
+    index = cast(dict[str, Any], DiffusionPipeline.load_config(path_or_id, revision=revision))
+    if index.get("_class_name") != StableDiffusion3Pipeline.__name__:
+        return {}
+    local = Path(path_or_id)
+    absent: dict[str, None] = {}
+    for name in _SD3_OPTIONAL_ENCODERS:
+        library, _ = index.get(name) or (None, None)
+        if library is None or (local.is_dir() and not (local / name).is_dir()):
+            absent[name] = None
+    return absent
+
+
+def _tiny_tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP BPE tokenizer built in memory, so no vocabulary is downloaded.
+
+    The vocabulary is laid out as CLIP's is: the 256 byte symbols, the same with the
+    end-of-word marker ``</w>``, the merge results, then the two special tokens. Merges
+    spell out every word of the metric texts and a few common words.
+    """
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    vocab.update({f"{symbol}</w>": len(alphabet) + i for i, symbol in enumerate(alphabet)})
+    merges = _word_merges(_merge_words())
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    vocab[_BOS] = len(vocab)
+    vocab[_EOS] = len(vocab)
+    # The tokenizers library wants merges as pairs; transformers annotates them as strings.
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,  # type: ignore[arg-type]
+        model_max_length=_MAX_TOKENS,
+    )
+
+
+def _merge_words() -> list[str]:
+    """The words that get whole-word tokens, in a fixed order (merge ranks follow it)."""
+    texts = [text for m in METRICS for text in (m.positive, m.negative)]
+    words = {word.strip(".,").lower() for text in texts for word in text.split()}
+    return sorted(words | set(_COMMON_WORDS))
+
+
+def _word_merges(words: Iterable[str]) -> list[tuple[str, str]]:
+    """Left-to-right merges that build each word, ending in its ``</w>`` form."""
+    merges: dict[tuple[str, str], None] = {}
+    for word in words:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        prefix = symbols[0]
+        for symbol in symbols[1:]:
+            merges[(prefix, symbol)] = None
+            prefix += symbol
+    return list(merges)
+
+
+def _text_config(
+    tokenizer: CLIPTokenizer,
+    *,
+    hidden_size: int = 32,
+    intermediate_size: int = 37,
+    num_hidden_layers: int = 2,
+    projection_dim: int = 32,
+) -> CLIPTextConfig:
+    """A CLIP text config whose special-token ids match ``tokenizer``.
+
+    With ``eos_token_id`` right, CLIP pools at the first end-of-text token, as the real
+    models do, rather than at the largest token id (its legacy rule for ``eos_token_id=2``).
+    """
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=_MAX_TOKENS,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_attention_heads=4,
+        num_hidden_layers=num_hidden_layers,
+        projection_dim=projection_dim,
+    )
+
+
+def _tiny_edge(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusionPipeline:
+    """SD2.1-shaped: cross-attention UNet with linear projections, 4-channel VAE, one CLIP
+    text encoder, and SD2.1's DDIM scheduler with v-prediction."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
+    # A dict, as in diffusers' get_dummy_components: the constructors' annotations do not
+    # admit the None components both pipelines accept.
+    components: dict[str, Any] = {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": unet,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+    return StableDiffusionPipeline(**components)
+
+
+def _tiny_cloud(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusion3Pipeline:
+    """SD3-shaped: MMDiT transformer over 2x2 patches, 16-channel VAE without quant convs,
+    two projected CLIP text encoders, no T5, flow-matching Euler with SD3's shift."""
+    encoders = []
+    for index, layers in enumerate((2, 3)):
+        torch.manual_seed(seed + 10 + index)
+        encoders.append(
+            CLIPTextModelWithProjection(
+                _text_config(tokenizer, intermediate_size=64, num_hidden_layers=layers)
+            )
+        )
+    torch.manual_seed(seed + 12)
+    # joint_attention_dim: both encoders' hidden states side by side; pooled: both projections.
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=128,
+        pooled_projection_dim=64,
+    )
+    torch.manual_seed(seed + 13)
+    vae = AutoencoderKL(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+    )
+    components: dict[str, Any] = {
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "vae": vae,
+        "text_encoder": encoders[0],
+        "tokenizer": tokenizer,
+        "text_encoder_2": encoders[1],
+        "tokenizer_2": tokenizer,
+        "text_encoder_3": None,
+        "tokenizer_3": None,
+    }
+    return StableDiffusion3Pipeline(**components)
+
+
+def _tiny_clip(tokenizer: CLIPTokenizer, seed: int) -> tuple[CLIPModel, CLIPProcessor]:
+    """ViT-shaped CLIP on 32x32 crops, with the PIL image processor so that torchvision is
+    not needed."""
+    torch.manual_seed(seed + 20)
+    text = _text_config(tokenizer)
+    config = CLIPConfig(
+        text_config=text.to_dict(),
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=32,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    return CLIPModel(config), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
