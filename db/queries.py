@@ -224,33 +224,41 @@ class BatchReport:
 def batch_report(session: Session, request_ids: Sequence[str]) -> BatchReport:
     """Outcome of a set of requests: states, routing shares, quality per tier."""
     ids = list(request_ids)
-    statuses = dict(
-        session.execute(
+    statuses = {
+        rid: Status(status)
+        for rid, status in session.execute(
             select(GenerationRequest.id, GenerationRequest.status).where(
                 GenerationRequest.id.in_(ids)
             )
-        ).tuples()
-    )
-    tiers = list(
-        session.execute(
+        )
+    }
+    tiers = [
+        (Tier(tier), bool(explore))
+        for tier, explore in session.execute(
             select(RoutingDecision.tier, RoutingDecision.explore).where(
                 RoutingDecision.request_id.in_(ids)
             )
-        ).tuples()
-    )
-    quality = session.execute(
-        select(QualityScore.tier, func.avg(QualityScore.mean_score))
-        .where(QualityScore.request_id.in_(ids))
-        .group_by(QualityScore.tier)
-    ).tuples()
+        )
+    ]
+    quality = {
+        Tier(tier).value: float(q)
+        for tier, q in session.execute(
+            select(QualityScore.tier, func.avg(QualityScore.mean_score))
+            .where(QualityScore.request_id.in_(ids))
+            .group_by(QualityScore.tier)
+        )
+    }
     images = session.scalar(
         select(func.count()).select_from(Generation).where(Generation.request_id.in_(ids))
     )
-    failures = session.execute(
-        select(GenerationRequest.id, GenerationRequest.failure_reason).where(
-            GenerationRequest.id.in_(ids), GenerationRequest.status == Status.FAILED
+    failures = [
+        f"{rid}: {reason}"
+        for rid, reason in session.execute(
+            select(GenerationRequest.id, GenerationRequest.failure_reason).where(
+                GenerationRequest.id.in_(ids), GenerationRequest.status == Status.FAILED
+            )
         )
-    ).tuples()
+    ]
     done = sum(1 for s in statuses.values() if s == Status.DONE)
     failed = sum(1 for s in statuses.values() if s == Status.FAILED)
     return BatchReport(
@@ -259,7 +267,7 @@ def batch_report(session: Session, request_ids: Sequence[str]) -> BatchReport:
         unfinished=len(ids) - done - failed,
         cloud_share=sum(1 for t, _ in tiers if t == Tier.CLOUD) / len(tiers) if tiers else 0.0,
         explored=sum(1 for _, e in tiers if e),
-        mean_quality={Tier(t).value: float(q) for t, q in quality},
+        mean_quality=quality,
         images=int(images or 0),
-        failures=[f"{rid}: {reason}" for rid, reason in failures],
+        failures=failures,
     )

@@ -1,0 +1,199 @@
+"""``t2iroute demo``: the whole flow on tiny models, with real Celery worker processes.
+
+Embedded mode needs no server: SQLite, a filesystem broker and an in-process budget
+keeper. With T2IROUTE_DATABASE_URL / T2IROUTE_BROKER_URL set, the same run uses those
+servers (and the Redis budget keeper) instead."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from db import migrate, queries
+from db.session import session_scope
+from workers.settings import Settings, get_settings
+
+SERVER_VARIABLES = ("T2IROUTE_DATABASE_URL", "T2IROUTE_BROKER_URL")
+WORKER_GROUPS = (("route,quality,maintenance", "router"), ("edge,cloud", "gpu"))
+
+
+@dataclass
+class DemoSummary:
+    mode: str
+    workdir: Path
+    requests: int
+    done: int
+    failed: int
+    unfinished: int
+    cloud_share: float
+    explored: int
+    mean_quality: dict[str, float]
+    images: int
+    seconds: float
+    failures: list[str] = field(default_factory=list)
+
+    def print(self, console: Console) -> None:
+        table = Table(title=f"t2iroute demo ({self.mode})")
+        table.add_column("what")
+        table.add_column("value", justify="right")
+        table.add_row("requests", str(self.requests))
+        table.add_row(
+            "done / failed / unfinished", f"{self.done} / {self.failed} / {self.unfinished}"
+        )
+        table.add_row("share routed to cloud", f"{self.cloud_share:.0%}")
+        table.add_row("exploration samples (both tiers)", str(self.explored))
+        for tier, quality in sorted(self.mean_quality.items()):
+            table.add_row(f"mean quality, {tier}", f"{quality:.4f}")
+        table.add_row("images written", str(self.images))
+        table.add_row("wall time", f"{self.seconds:.1f} s")
+        table.add_row("files", str(self.workdir))
+        console.print(table)
+        for failure in self.failures:
+            console.print(f"[red]failed:[/red] {failure}")
+
+
+def demo_prompts(path: Path | None) -> list[str]:
+    text = (
+        path.read_text(encoding="utf-8")
+        if path is not None
+        else resources.files("workers").joinpath("data/demo_prompts.txt").read_text("utf-8")
+    )
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def demo_environment(workdir: Path, embedded: bool) -> dict[str, str]:
+    """The T2IROUTE_ variables the demo and its workers share. Model paths and stores the
+    caller already set win, so real weights can be put in; embedded mode always brings
+    its own database, broker and budget keeper."""
+    models = workdir / "models"
+    defaults = {
+        "T2IROUTE_IMAGE_STORE": str(workdir / "images"),
+        "T2IROUTE_MODEL_STORE": str(workdir / "routers"),
+        "T2IROUTE_EDGE_MODEL": str(models / "edge"),
+        "T2IROUTE_CLOUD_MODEL": str(models / "cloud"),
+        "T2IROUTE_CLIP_MODEL": str(models / "clip"),
+        "T2IROUTE_EXPLORATION_RATE": "0.25",
+    }
+    env = {k: v for k, v in defaults.items() if k not in os.environ}
+    if embedded:
+        env |= {
+            "T2IROUTE_DATABASE_URL": f"sqlite:///{workdir / 't2iroute.db'}",
+            "T2IROUTE_BROKER_URL": "filesystem://",
+            "T2IROUTE_BROKER_FOLDER": str(workdir / "broker"),
+            "T2IROUTE_TASK_EVENTS": "false",
+            "T2IROUTE_BUDGET_BACKEND": "local",
+        }
+    return env
+
+
+def _start_workers(workdir: Path) -> list[subprocess.Popen[bytes]]:
+    workers = []
+    for queues, name in WORKER_GROUPS:
+        log = (workdir / f"worker-{name}.log").open("wb")
+        workers.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "workers.cli",
+                    "worker",
+                    "--queues",
+                    queues,
+                    "--pool",
+                    "solo",
+                    "--loglevel",
+                    "INFO",
+                    "--hostname",
+                    f"demo-{name}@%h",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=os.environ.copy(),
+            )
+        )
+    return workers
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    for process in workers:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in workers:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _configure_process(env: dict[str, str]) -> Settings:
+    os.environ.update(env)
+    get_settings.cache_clear()
+    settings = get_settings()
+    from workers.celery_app import app, celery_config
+
+    app.conf.update(celery_config(settings))
+    return settings
+
+
+def run_demo(
+    *,
+    prompts: Path | None = None,
+    workdir: Path | None = None,
+    embedded: bool | None = None,
+    timeout: float = 300.0,
+) -> DemoSummary:
+    from workers.models import make_tiny
+    from workers.producer import submit
+
+    started = time.monotonic()
+    if embedded is None:
+        embedded = not any(v in os.environ for v in SERVER_VARIABLES)
+    workdir = (workdir or Path(tempfile.mkdtemp(prefix="t2iroute-demo-"))).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings = _configure_process(demo_environment(workdir, embedded))
+    if settings.broker_folder is not None:
+        settings.broker_folder.mkdir(parents=True, exist_ok=True)
+    tiny = workdir / "models"
+    if settings.edge_model == str(tiny / "edge") and not (tiny / "edge").exists():
+        make_tiny(tiny)
+    migrate.upgrade(settings.database_url)
+
+    texts = demo_prompts(prompts)
+    workers = _start_workers(workdir)
+    try:
+        ids = [submit(text, seed=i).request_id for i, text in enumerate(texts)]
+        deadline = time.monotonic() + timeout
+        while True:
+            with session_scope(settings.database_url) as session:
+                report = queries.batch_report(session, ids)
+            if report.unfinished == 0 or time.monotonic() > deadline:
+                break
+            if any(w.poll() is not None for w in workers):
+                raise RuntimeError(f"a demo worker exited; see {workdir}/worker-*.log")
+            time.sleep(0.5)
+    finally:
+        _stop_workers(workers)
+    return DemoSummary(
+        mode="embedded: SQLite, filesystem broker" if embedded else "servers",
+        workdir=workdir,
+        requests=len(ids),
+        done=report.done,
+        failed=report.failed,
+        unfinished=report.unfinished,
+        cloud_share=report.cloud_share,
+        explored=report.explored,
+        mean_quality=report.mean_quality,
+        images=report.images,
+        seconds=time.monotonic() - started,
+        failures=report.failures,
+    )
