@@ -82,6 +82,25 @@ def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
 
 
 @app.command()
+def flower(
+    address: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 5555,
+) -> None:
+    """Run Flower on every queue, through Celery events. Its API can start any registered
+    task, so off the loopback interface it refuses to run without basic auth."""
+    from workers.celery_app import app as celery_app
+
+    auth = get_settings().flower_basic_auth
+    if auth is None and address not in ("127.0.0.1", "::1", "localhost"):
+        console.print("[red]set T2IROUTE_FLOWER_BASIC_AUTH=user:password to listen there[/red]")
+        raise typer.Exit(2)
+    argv = ["flower", f"--address={address}", f"--port={port}"]
+    if auth is not None:
+        argv.append(f"--basic-auth={auth}")
+    celery_app.start(argv)
+
+
+@app.command()
 def submit(
     prompt: Annotated[str, typer.Argument(help="The text prompt.")],
     width: Annotated[int | None, typer.Option()] = None,

@@ -1,0 +1,87 @@
+"""The Celery configuration follows DESIGN.md's reliability rules, from the settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from workers.celery_app import (
+    TASK_GENERATE_CLOUD,
+    TASK_GENERATE_EDGE,
+    TASK_RETRAIN,
+    TASK_ROUTE,
+    TASK_SCORE,
+    TASK_SWEEP,
+    celery_config,
+    create_app,
+)
+from workers.settings import Settings
+
+
+def test_json_only_acks_late_and_prefetch_one() -> None:
+    config = celery_config(Settings())
+    assert config["task_serializer"] == config["result_serializer"] == "json"
+    assert config["accept_content"] == config["result_accept_content"] == ["json"]
+    assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
+    assert config["worker_prefetch_multiplier"] == 1
+    assert config["worker_cancel_long_running_tasks_on_connection_loss"]
+
+
+def test_visibility_timeout_outlasts_every_time_limit() -> None:
+    settings = Settings(task_time_limit=100, task_soft_time_limit=90, visibility_timeout=150)
+    config = celery_config(settings)
+    assert config["task_time_limit"] == 100 and config["task_soft_time_limit"] == 90
+    assert config["broker_transport_options"]["visibility_timeout"] == 150
+    assert config["result_backend_transport_options"]["visibility_timeout"] == 150
+
+
+def test_time_limits_out_of_order_are_refused() -> None:
+    with pytest.raises(ValidationError, match="visibility_timeout must exceed"):
+        Settings(task_time_limit=100, task_soft_time_limit=90, visibility_timeout=100)
+    with pytest.raises(ValidationError, match="task_soft_time_limit"):
+        Settings(task_time_limit=100, task_soft_time_limit=100, visibility_timeout=200)
+
+
+def test_task_routes_are_configuration_from_the_queue_names() -> None:
+    settings = Settings(queue_edge="small-gpu", queue_cloud="big-gpu", queue_quality="clip")
+    routes = celery_config(settings)["task_routes"]
+    assert routes[TASK_ROUTE] == {"queue": "route"}
+    assert routes[TASK_GENERATE_EDGE] == {"queue": "small-gpu"}
+    assert routes[TASK_GENERATE_CLOUD] == {"queue": "big-gpu"}
+    assert routes[TASK_SCORE] == {"queue": "clip"}
+    assert routes[TASK_SWEEP] == routes[TASK_RETRAIN] == {"queue": "maintenance"}
+
+
+def test_beat_runs_the_sweeper_and_retraining() -> None:
+    settings = Settings(sweep_interval_seconds=30, retrain_interval_seconds=600)
+    schedule = celery_config(settings)["beat_schedule"]
+    assert schedule["sweep"] == {"task": TASK_SWEEP, "schedule": 30}
+    assert schedule["retrain"] == {"task": TASK_RETRAIN, "schedule": 600}
+
+
+def test_every_task_is_registered_on_the_app() -> None:
+    app = create_app(Settings())
+    app.loader.import_default_modules()
+    for name in (TASK_ROUTE, TASK_GENERATE_EDGE, TASK_GENERATE_CLOUD, TASK_SCORE, TASK_SWEEP):
+        assert name in app.tasks
+
+
+def test_filesystem_broker_needs_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="BROKER_FOLDER"):
+        celery_config(Settings(broker_url="filesystem://"))
+    config = celery_config(Settings(broker_url="filesystem://", broker_folder=tmp_path))
+    assert config["broker_transport_options"]["data_folder_in"] == str(tmp_path)
+    assert not config["worker_enable_remote_control"]
+
+
+def test_settings_come_from_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("T2IROUTE_CLOUD_RATIO", "0.2")
+    monkeypatch.setenv("T2IROUTE_QUEUE_ROUTE", "routing")
+    settings = Settings()
+    assert settings.cloud_ratio == 0.2
+    assert settings.queues["route"] == "routing"
+    monkeypatch.setenv("T2IROUTE_CLOUD_RATIO", "1.5")
+    with pytest.raises(ValidationError):
+        Settings()
