@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ import psycopg
 import redis
 
 from tests.environment import POSTGRES_ADMIN_URL, SCRATCH, TEST_DATABASE
+from workers.demo import worker_command
 
 
 def recreate_database(name: str = TEST_DATABASE) -> None:
@@ -52,20 +52,7 @@ def celery_worker(
     hostname = f"{name}-{os.getpid()}@test"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "workers.cli",
-                "worker",
-                "--queues",
-                queues,
-                "--pool",
-                pool,
-                "--hostname",
-                hostname,
-                "--loglevel",
-                "INFO",
-            ],
+            worker_command(queues, hostname=hostname, pool=pool),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

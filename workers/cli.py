@@ -185,7 +185,7 @@ def demo(
     _logging("WARNING")
     summary = run_demo(prompts=prompts, workdir=workdir, embedded=embedded, timeout=timeout)
     summary.print(console)
-    if summary.unfinished:
+    if summary.report.unfinished:
         raise typer.Exit(1)
 
 

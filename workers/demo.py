@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -27,38 +27,32 @@ SERVER_VARIABLES = ("T2IROUTE_DATABASE_URL", "T2IROUTE_BROKER_URL")
 WORKER_GROUPS = (("route,quality,maintenance", "router"), ("edge,cloud", "gpu"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoSummary:
     mode: str
     workdir: Path
     requests: int
-    done: int
-    failed: int
-    unfinished: int
-    cloud_share: float
-    explored: int
-    mean_quality: dict[str, float]
-    images: int
     seconds: float
-    failures: list[str] = field(default_factory=list)
+    report: queries.BatchReport
 
     def print(self, console: Console) -> None:
         table = Table(title=f"t2iroute demo ({self.mode})")
         table.add_column("what")
         table.add_column("value", justify="right")
         table.add_row("requests", str(self.requests))
+        report = self.report
         table.add_row(
-            "done / failed / unfinished", f"{self.done} / {self.failed} / {self.unfinished}"
+            "done / failed / unfinished", f"{report.done} / {report.failed} / {report.unfinished}"
         )
-        table.add_row("share routed to cloud", f"{self.cloud_share:.0%}")
-        table.add_row("exploration samples (both tiers)", str(self.explored))
-        for tier, quality in sorted(self.mean_quality.items()):
+        table.add_row("share routed to cloud", f"{report.cloud_share:.0%}")
+        table.add_row("exploration samples (both tiers)", str(report.explored))
+        for tier, quality in sorted(report.mean_quality.items()):
             table.add_row(f"mean quality, {tier}", f"{quality:.4f}")
-        table.add_row("images written", str(self.images))
+        table.add_row("images written", str(report.images))
         table.add_row("wall time", f"{self.seconds:.1f} s")
         table.add_row("files", str(self.workdir))
         console.print(table)
-        for failure in self.failures:
+        for failure in report.failures:
             console.print(f"[red]failed:[/red] {failure}")
 
 
@@ -96,26 +90,27 @@ def demo_environment(workdir: Path, embedded: bool) -> dict[str, str]:
     return env
 
 
+def worker_command(queues: str, *, hostname: str, pool: str = "solo") -> list[str]:
+    """The command line of one worker process of this installation."""
+    return [
+        sys.executable,
+        "-m",
+        "workers.cli",
+        "worker",
+        f"--queues={queues}",
+        f"--pool={pool}",
+        f"--hostname={hostname}",
+        "--loglevel=INFO",
+    ]
+
+
 def _start_workers(workdir: Path) -> list[subprocess.Popen[bytes]]:
     workers = []
     for queues, name in WORKER_GROUPS:
         log = (workdir / f"worker-{name}.log").open("wb")
         workers.append(
             subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "workers.cli",
-                    "worker",
-                    "--queues",
-                    queues,
-                    "--pool",
-                    "solo",
-                    "--loglevel",
-                    "INFO",
-                    "--hostname",
-                    f"demo-{name}@%h",
-                ],
+                worker_command(queues, hostname=f"demo-{name}@%h"),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=os.environ.copy(),
@@ -187,13 +182,6 @@ def run_demo(
         mode="embedded: SQLite, filesystem broker" if embedded else "servers",
         workdir=workdir,
         requests=len(ids),
-        done=report.done,
-        failed=report.failed,
-        unfinished=report.unfinished,
-        cloud_share=report.cloud_share,
-        explored=report.explored,
-        mean_quality=report.mean_quality,
-        images=report.images,
         seconds=time.monotonic() - started,
-        failures=report.failures,
+        report=report,
     )
