@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,10 @@ def tiny_models() -> dict[str, Path]:
     from workers.models import make_tiny
 
     return make_tiny(environment.TINY_MODELS)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the session's scratch folder (models, images, worker logs) after a green run;
+    keep it after a failure, for the worker logs."""
+    if exitstatus == 0:
+        shutil.rmtree(environment.SCRATCH, ignore_errors=True)
