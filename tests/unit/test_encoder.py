@@ -1,0 +1,64 @@
+"""The frozen encoder: token states with a mask, a memo that never changes the answer, and the
+real MiniLM as the default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from routing.encoder import FrozenTextEncoder, default_encoder_path
+from tests.unit.tiny_text_encoder import build_tiny_encoder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> FrozenTextEncoder:
+    path = build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
+    return FrozenTextEncoder(path, cache_size=4)
+
+
+def test_token_states_are_padded_and_masked(tiny: FrozenTextEncoder) -> None:
+    states, mask = tiny.token_states(["a cat", "a big red dog on the moon"])
+    assert states.shape[0] == 2 and states.shape[2] == tiny.dim == 32
+    # [CLS] a cat [SEP] against [CLS] + 7 words + [SEP].
+    assert mask.sum(1).tolist() == [4, 9]
+    assert torch.all(states[0, 4:] == 0)
+
+
+def test_memo_returns_what_a_fresh_forward_pass_returns(tiny: FrozenTextEncoder) -> None:
+    prompts = ["a cat", "two dogs", "an old castle", "a red boat", "the moon", "a bird"]
+    first, _ = tiny.token_states(prompts)  # more prompts than the memo holds
+    assert len(tiny._cache) <= tiny.cache_size
+    again, mask = tiny.token_states(list(reversed(prompts)))
+    torch.testing.assert_close(again, first.flip(0)[:, : again.shape[1]])
+    fresh = tiny._forward(["an old castle"])[0]
+    torch.testing.assert_close(again[3, : int(mask[3].sum())], fresh)
+
+
+def test_encoder_is_frozen(tiny: FrozenTextEncoder) -> None:
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+    assert not tiny.model.training
+
+
+def test_pooled_vectors_are_unit_length(tiny: FrozenTextEncoder) -> None:
+    pooled = tiny.pooled(["a cat", "a dog under a tree"])
+    assert pooled.shape == (2, 32)
+    assert abs(float((pooled**2).sum(1).max()) - 1.0) < 1e-5
+
+
+def test_empty_batch(tiny: FrozenTextEncoder) -> None:
+    states, mask = tiny.token_states([])
+    assert states.shape == (0, 0, 32) and mask.shape == (0, 0)
+
+
+def test_default_is_the_real_minilm() -> None:
+    path = default_encoder_path()
+    assert (Path(path) / "model.safetensors").is_file()
+    encoder = FrozenTextEncoder()
+    assert encoder.dim == 384 and encoder.model.config.num_hidden_layers == 6
+    pooled = encoder.pooled(["a photo of a cat", "a picture of a cat", "a tax form"])
+    similar, unrelated = float(pooled[0] @ pooled[1]), float(pooled[0] @ pooled[2])
+    # A trained sentence encoder puts paraphrases closer than unrelated text; random weights
+    # would not.
+    assert similar > 0.8 and similar > unrelated + 0.3
