@@ -24,7 +24,13 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
         if settings.broker_folder is None:
             raise ValueError("a filesystem:// broker needs T2IROUTE_BROKER_FOLDER")
         folder = str(settings.broker_folder)
-        return {"data_folder_in": folder, "data_folder_out": folder, "store_processed": False}
+        return {
+            "data_folder_in": folder,
+            "data_folder_out": folder,
+            # Exchange bindings; kombu's default is a "control" folder in the working directory.
+            "control_folder": str(settings.broker_folder / "control"),
+            "store_processed": False,
+        }
     # Redis redelivers an unacknowledged message only after the visibility timeout, so it
     # must outlast the longest task or a slow task runs twice.
     return {"visibility_timeout": settings.visibility_timeout}

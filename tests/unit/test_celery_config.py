@@ -73,6 +73,7 @@ def test_filesystem_broker_needs_a_folder(tmp_path: Path) -> None:
         celery_config(Settings(broker_url="filesystem://"))
     config = celery_config(Settings(broker_url="filesystem://", broker_folder=tmp_path))
     assert config["broker_transport_options"]["data_folder_in"] == str(tmp_path)
+    assert config["broker_transport_options"]["control_folder"] == str(tmp_path / "control")
     assert not config["worker_enable_remote_control"]
 
 
