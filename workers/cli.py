@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +26,17 @@ def _logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+
+def _quiet_model_libraries() -> None:
+    """Model libraries' notices and progress bars, which would bury a command's own output;
+    set before they are imported, and inherited by the worker processes a command starts."""
+    for variable, value in (
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("DIFFUSERS_VERBOSITY", "error"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ):
+        os.environ.setdefault(variable, value)
 
 
 @app.command()
@@ -180,9 +192,11 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every request.")] = 300.0,
 ) -> None:
     """Run the whole flow on tiny models and print a summary."""
+    _quiet_model_libraries()
     from workers.demo import run_demo
 
     _logging("WARNING")
+    logging.getLogger("kombu.connection").setLevel(logging.ERROR)
     summary = run_demo(prompts=prompts, workdir=workdir, embedded=embedded, timeout=timeout)
     summary.print(console)
     if summary.report.unfinished:
@@ -206,6 +220,7 @@ def make_tiny(
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
     """Build tiny edge, cloud and CLIP models from configs, offline, into DIRECTORY."""
+    _quiet_model_libraries()
     from workers.models import make_tiny as build
 
     for name, path in build(directory, seed=seed).items():
