@@ -40,8 +40,11 @@ class RouteT2IConfig:
     over all tokens) and ``dual_gate`` (positive and negative projections contrasted, or one).
 
     The training defaults are tuned for a few hundred noisy pairs (GenAI-Bench, one human
-    rating per image; bench/routet2i_sanity.py): longer training or a wider top-K overfit on
-    held-out folds, and a small seed ensemble steadies the ranking.
+    rating per image; bench/routet2i_sanity.py, bench/routet2i_tuning.py on development pairs
+    and seeds only): longer training or a wider top-K overfit on held-out folds, and a small
+    seed ensemble steadies the ranking. ``rank_loss`` (a pairwise logistic loss on the
+    predicted PRS, added to the BCE) and ``shared_expert`` (a linear read-out of the
+    mean-pooled token states added to every expert) are options that did not help there.
     """
 
     n_metrics: int = 10
@@ -59,10 +62,12 @@ class RouteT2IConfig:
     encoder_revision: str | None = None
     max_length: int = 77
     lr: float = 3e-3
-    epochs: int = 10
+    epochs: int = 6
     batch_size: int = 32
     weight_decay: float = 0.05
     ensemble: int = 3
+    rank_loss: float = 0.0
+    shared_expert: bool = False
     seed: int = 0
     verbose: bool = False
 
@@ -103,6 +108,12 @@ class RouteT2IModel(nn.Module):
         self.scoring = nn.Parameter(torch.randn(e, rank, h) / math.sqrt(rank))
         self.head_weight = nn.Parameter(torch.randn(e, h) / math.sqrt(h))
         self.head_bias = nn.Parameter(torch.zeros(e))
+        # Optional shared expert: a linear read-out of the mean-pooled token states added to
+        # every gated expert's logit (a residual path that sees the whole prompt).
+        self.shared = nn.Linear(d, e) if config.shared_expert else None
+        if self.shared is not None:
+            nn.init.zeros_(self.shared.weight)
+            nn.init.zeros_(self.shared.bias)
         weights = check_weights(tuple(prs_weights), config.n_metrics)
         self.register_buffer("prs_weights", torch.tensor(weights, dtype=torch.float32))
 
@@ -142,6 +153,10 @@ class RouteT2IModel(nn.Module):
         contrast = torch.sigmoid(scores[0] - scores[1] if self.config.dual_gate else scores[0])
         pooled = self.dropout(torch.einsum("nekh,nek->neh", contrast, weights))
         logits: torch.Tensor = (pooled * self.head_weight).sum(-1) + self.head_bias
+        if self.shared is not None:
+            real = mask.unsqueeze(-1).to(states.dtype)
+            mean = (states * real).sum(1) / real.sum(1).clamp_min(1.0)
+            logits = logits + self.shared(mean)
         return logits
 
     def prs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -152,6 +167,18 @@ class RouteT2IModel(nn.Module):
 def prs_of(distance: torch.Tensor, multi_metric: bool, weights: torch.Tensor) -> torch.Tensor:
     """Predicted D (n, experts) -> PRS (n,)."""
     return (distance @ weights).clamp(0.0, 1.0) if multi_metric else distance[:, 0]
+
+
+def pairwise_rank_loss(prs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Logistic loss on every ordered pair of the batch whose target PRS differ: the routing
+    policy only reads the order of the predicted PRS, so the order is what this trains."""
+    score = torch.logit(prs.clamp(1e-4, 1 - 1e-4))
+    gap = target.unsqueeze(1) - target.unsqueeze(0)
+    ordered = (gap > 1e-6).to(score.dtype)
+    if ordered.sum() == 0:
+        return score.sum() * 0.0
+    margin = score.unsqueeze(1) - score.unsqueeze(0)
+    return (F.softplus(-margin) * ordered).sum() / ordered.sum()
 
 
 class RouteT2IEnsemble(nn.Module):
@@ -281,6 +308,10 @@ class RouteT2IRouter:
                 )
                 if c.multi_metric:
                     loss = loss + F.binary_cross_entropy_with_logits(logits, targets[batch])
+                if c.rank_loss > 0:
+                    loss = loss + c.rank_loss * pairwise_rank_loss(
+                        model.prs(logits), target_prs[batch]
+                    )
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()

@@ -14,7 +14,13 @@ from routing.calibrate import calibrate_alpha, route_to_cloud
 from routing.encoder import FrozenTextEncoder
 from routing.prs import PRSParams
 from routing.registry import load_router, save_router
-from routing.routet2i import RouteT2IConfig, RouteT2IEnsemble, RouteT2IModel, RouteT2IRouter
+from routing.routet2i import (
+    RouteT2IConfig,
+    RouteT2IEnsemble,
+    RouteT2IModel,
+    RouteT2IRouter,
+    pairwise_rank_loss,
+)
 from routing.types import PairTable, PersistentRouter
 from tests.unit.tiny_text_encoder import WORDS, build_tiny_encoder
 
@@ -239,3 +245,34 @@ def test_real_minilm_router_runs_end_to_end(tmp_path: Path) -> None:
     assert prs.shape == (3,) and np.all((prs > 0) & (prs < 1))
     save_router(router, tmp_path)
     np.testing.assert_array_equal(load_router(tmp_path).predict_prs(table.prompts[:3]), prs)
+
+
+def test_pairwise_rank_loss_reads_only_the_order() -> None:
+    target = torch.tensor([0.9, 0.5, 0.1, 0.5])
+    right = torch.tensor([0.7, 0.5, 0.3, 0.5])
+    wrong = torch.tensor([0.3, 0.5, 0.7, 0.5])
+    assert pairwise_rank_loss(right, target) < pairwise_rank_loss(wrong, target)
+    # A monotone shift of the predictions keeps the order; ties in the target add nothing.
+    shifted = pairwise_rank_loss(torch.tensor([0.8, 0.6, 0.4, 0.6]), target)
+    assert shifted < pairwise_rank_loss(right, target)
+    assert float(pairwise_rank_loss(right, torch.full((4,), 0.5))) == 0.0
+
+
+def test_shared_expert_and_rank_loss_train_and_reload(
+    tiny: FrozenTextEncoder, train: PairTable, held_out: PairTable, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(FAST, shared_expert=True, rank_loss=1.0, ensemble=2)
+    router = RouteT2IRouter(config, encoder=tiny)
+    router.fit(train)
+    assert all(m.shared is not None for m in router._fitted().models())
+    hard = np.array([KEYWORD in p.split() for p in held_out.prompts])
+    assert auc(router.predict_prs(held_out.prompts), hard) > 0.9
+    save_router(router, tmp_path / "v")
+    loaded = load_router(tmp_path / "v")
+    assert isinstance(loaded, RouteT2IRouter) and loaded.config == router.config
+    np.testing.assert_array_equal(
+        loaded.predict_prs(held_out.prompts), router.predict_prs(held_out.prompts)
+    )
+    off = RouteT2IRouter(dataclasses.replace(config, shared_expert=False), encoder=tiny)
+    off.fit(train)
+    assert all(m.shared is None for m in off._fitted().models())
