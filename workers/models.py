@@ -291,6 +291,20 @@ def _text_config(
     )
 
 
+def _tiny_vae(latent_channels: int, **extra: Any) -> AutoencoderKL:
+    """The two-block VAE both tiny pipelines use; SD3's has 16 latent channels."""
+    return AutoencoderKL(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=latent_channels,
+        **extra,
+    )
+
+
 def _tiny_edge(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusionPipeline:
     """SD2.1-shaped: cross-attention UNet with linear projections, 4-channel VAE, one CLIP
     text encoder, and SD2.1's DDIM scheduler with v-prediction."""
@@ -308,15 +322,7 @@ def _tiny_edge(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusionPipeline:
         use_linear_projection=True,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        sample_size=64,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-    )
+    vae = _tiny_vae(latent_channels=4)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_text_config(tokenizer))
     scheduler = DDIMScheduler(
@@ -369,13 +375,7 @@ def _tiny_cloud(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusion3Pipeline
         pooled_projection_dim=64,
     )
     torch.manual_seed(seed + 13)
-    vae = AutoencoderKL(
-        sample_size=64,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    vae = _tiny_vae(
         latent_channels=16,
         use_quant_conv=False,
         use_post_quant_conv=False,
