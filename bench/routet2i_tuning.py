@@ -56,7 +56,7 @@ def main() -> None:
         name, overrides = parse_variant(text)
 
         def make(c: FoldContext, overrides: dict[str, Any] = overrides) -> Router:
-            return cast(Router, RouteT2IRouter(encoder=shared.encoder, seed=c.seed, **overrides))
+            return cast(Router, RouteT2IRouter(seed=c.seed, **overrides))
 
         factories[name] = make
     experiments = [Experiment.same_pair(f"{e}->{c}", load_genai_bench(e, c)) for e, c in DEV_PAIRS]

@@ -27,6 +27,9 @@ def default_encoder_path() -> Path:
 class FrozenTextEncoder:
     """A Hugging Face encoder in eval mode without gradients, with a per-prompt memo.
 
+    ``layer`` picks the hidden state the routers read: -1 the last layer, lower values earlier
+    ones (index into ``hidden_states``, whose entry 0 is the embedding output).
+
     Cross-validation refits a router many times on the same prompts; the memo makes every
     prompt cost one forward pass per process, not one per fold.
     """
@@ -40,6 +43,7 @@ class FrozenTextEncoder:
         revision: str | None = None,
         batch_size: int = 64,
         cache_size: int = 8192,
+        layer: int = -1,
     ) -> None:
         self.path = str(path_or_id if path_or_id is not None else default_encoder_path())
         self.max_length = max_length
@@ -53,6 +57,11 @@ class FrozenTextEncoder:
             self.path, revision=revision, use_safetensors=True, trust_remote_code=False
         )
         self.model.to(self.device).eval().requires_grad_(False)
+        # hidden_states holds the embeddings and then every layer's output: L + 1 entries.
+        n_states = int(self.model.config.num_hidden_layers) + 1
+        if not -n_states <= layer < n_states:
+            raise ValueError(f"layer {layer} is out of range for {n_states} hidden states")
+        self.layer = layer
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @property
@@ -61,7 +70,8 @@ class FrozenTextEncoder:
         return hidden
 
     def token_states(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last hidden states (n, L, d) float32 and mask (n, L) bool, L the longest prompt."""
+        """Hidden states of ``layer`` (n, L, d) float32 and mask (n, L) bool, L the longest
+        prompt."""
         if not prompts:
             return torch.zeros(0, 0, self.dim, device=self.device), torch.zeros(
                 0, 0, dtype=torch.bool, device=self.device
@@ -99,7 +109,7 @@ class FrozenTextEncoder:
             max_length=self.max_length,
             return_tensors="pt",
         ).to(self.device)
-        hidden = self.model(**batch).last_hidden_state.float()
+        hidden = self.model(**batch, output_hidden_states=True).hidden_states[self.layer].float()
         real = batch["attention_mask"].bool()
         return [hidden[i][real[i]].clone() for i in range(len(prompts))]
 

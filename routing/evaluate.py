@@ -298,7 +298,8 @@ def _learned(name: str, shared: SharedEncoding) -> RouterFactory:
 
         # Its ``name`` is a read-only property, which the Router protocol's plain attribute
         # does not admit to mypy although it satisfies the protocol at run time.
-        return cast(Router, RouteT2IRouter(encoder=shared.encoder, seed=c.seed))
+        # Its own encoder layer (routing.routet2i.shared_encoder keeps one memo per process).
+        return cast(Router, RouteT2IRouter(seed=c.seed))
 
     factories: dict[str, RouterFactory] = {
         "bert_classifier": bert,

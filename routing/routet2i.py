@@ -45,6 +45,9 @@ class RouteT2IConfig:
     seed ensemble steadies the ranking. ``rank_loss`` (a pairwise logistic loss on the
     predicted PRS, added to the BCE) and ``shared_expert`` (a linear read-out of the
     mean-pooled token states added to every expert) are options that did not help there.
+    ``encoder_layer`` -3 reads MiniLM's fourth of six layers: on the development seeds its
+    token states ranked better than the last layer's (Delta P@50% +3 to +9 points), which is
+    tuned towards whole-sentence similarity rather than the words that make a prompt hard.
     """
 
     n_metrics: int = 10
@@ -60,6 +63,7 @@ class RouteT2IConfig:
     dual_gate: bool = True
     encoder: str | None = None
     encoder_revision: str | None = None
+    encoder_layer: int = -3
     max_length: int = 77
     lr: float = 3e-3
     epochs: int = 6
@@ -209,10 +213,12 @@ class RouteT2IEnsemble(nn.Module):
 
 
 @functools.cache
-def shared_encoder(path: str | None, revision: str | None, max_length: int) -> FrozenTextEncoder:
+def shared_encoder(
+    path: str | None, revision: str | None, max_length: int, layer: int = -1
+) -> FrozenTextEncoder:
     """One encoder (and one prompt memo) per process for each configuration, so many routers
     (folds, pairs, versions) do not each load the weights and re-encode the same prompts."""
-    return FrozenTextEncoder(path, max_length=max_length, revision=revision)
+    return FrozenTextEncoder(path, max_length=max_length, revision=revision, layer=layer)
 
 
 def _batches(n: int, size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
@@ -236,6 +242,9 @@ class RouteT2IRouter:
             # Record a non-default encoder so that load() finds the same one again.
             same = Path(encoder.path).resolve() == default_encoder_path().resolve()
             self.config = dataclasses.replace(self.config, encoder=None if same else encoder.path)
+        if encoder is not None:
+            # The layer actually read is part of the version, whatever the defaults say.
+            self.config = dataclasses.replace(self.config, encoder_layer=encoder.layer)
         self._encoder = encoder
         self.model: RouteT2IEnsemble | None = None
         self.prs_params: PRSParams | None = None
@@ -258,7 +267,9 @@ class RouteT2IRouter:
     def encoder(self) -> FrozenTextEncoder:
         if self._encoder is None:
             c = self.config
-            self._encoder = shared_encoder(c.encoder, c.encoder_revision, c.max_length)
+            self._encoder = shared_encoder(
+                c.encoder, c.encoder_revision, c.max_length, c.encoder_layer
+            )
         return self._encoder
 
     def fit(self, train: PairTable) -> None:
@@ -380,7 +391,13 @@ class RouteT2IRouter:
     @classmethod
     def load(cls, path: Path, encoder: FrozenTextEncoder | None = None) -> Self:
         document = json.loads((Path(path) / CONFIG_FILE).read_text())
-        router = cls(RouteT2IConfig.from_dict(document["config"]), encoder)
+        config = RouteT2IConfig.from_dict(document["config"])
+        if encoder is not None and encoder.layer != config.encoder_layer:
+            raise ValueError(
+                f"the router was trained on encoder layer {config.encoder_layer}, "
+                f"the given encoder reads layer {encoder.layer}"
+            )
+        router = cls(config, encoder)
         router.prs_params = PRSParams.from_dict(document["prs"])
         router.metrics = tuple(document["metrics"])
         model = RouteT2IEnsemble(router.config, router.prs_params.weights)

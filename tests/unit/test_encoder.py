@@ -62,3 +62,19 @@ def test_default_is_the_real_minilm() -> None:
     # A trained sentence encoder puts paraphrases closer than unrelated text; random weights
     # would not.
     assert similar > 0.8 and similar > unrelated + 0.3
+
+
+def test_layer_picks_an_earlier_hidden_state(tmp_path: Path) -> None:
+    path = build_tiny_encoder(tmp_path)
+    last = FrozenTextEncoder(path)
+    first_layer = FrozenTextEncoder(path, layer=1)
+    prompts = ["a cat on a mat"]
+    states, mask = first_layer.token_states(prompts)
+    assert states.shape == last.token_states(prompts)[0].shape
+    assert not torch.allclose(states, last.token_states(prompts)[0])
+    batch = first_layer.tokenizer(prompts, return_tensors="pt")
+    expected = first_layer.model(**batch, output_hidden_states=True).hidden_states[1][0]
+    torch.testing.assert_close(states[0, : int(mask[0].sum())], expected)
+    layers = int(last.model.config.num_hidden_layers)
+    with pytest.raises(ValueError, match="out of range"):
+        FrozenTextEncoder(path, layer=layers + 1)

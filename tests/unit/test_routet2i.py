@@ -276,3 +276,13 @@ def test_shared_expert_and_rank_loss_train_and_reload(
     off = RouteT2IRouter(dataclasses.replace(config, shared_expert=False), encoder=tiny)
     off.fit(train)
     assert all(m.shared is None for m in off._fitted().models())
+
+
+def test_the_encoder_layer_is_recorded_and_checked_on_load(
+    router: RouteT2IRouter, tiny: FrozenTextEncoder, tmp_path: Path
+) -> None:
+    assert router.config.encoder_layer == tiny.layer
+    save_router(router, tmp_path / "v1")
+    other = FrozenTextEncoder(tiny.path, layer=1)
+    with pytest.raises(ValueError, match="encoder layer"):
+        RouteT2IRouter.load(tmp_path / "v1", encoder=other)
