@@ -19,6 +19,13 @@ from hypothesis import strategies as st
 from redis import Redis
 from redis.exceptions import RedisError
 
+from tests.budget_scenarios import (
+    TOLERANCE,
+    check_burst_accrues_and_is_capped,
+    check_every_window_is_bounded,
+    check_exploration_costs_a_cloud_token,
+    spent,
+)
 from workers.budget import (
     BudgetDecision,
     BudgetLimits,
@@ -32,7 +39,6 @@ from workers.settings import Settings
 pytestmark = pytest.mark.integration
 
 REDIS_URL = Settings().redis_url
-TOLERANCE = 1e-6  # amounts are kept in micro-tokens
 
 Entry = tuple[int, int, bool, bool]  # sequence, worker, cloud, explore
 
@@ -69,32 +75,16 @@ def prefix(client: Redis) -> Iterator[str]:
     _drop(client, name)
 
 
-def _spent(decision: BudgetDecision) -> bool:
-    """Whether the decision costs a cloud generation: a cloud route or an exploration."""
-    return decision.cloud or decision.explore
-
-
 def test_cloud_share_is_bounded_in_every_window(client: Redis, prefix: str) -> None:
-    keeper = RedisBudgetKeeper(client, BudgetLimits(rho=0.3, burst=3), key_prefix=prefix)
-    decisions = [keeper.decide(f"r{i}", wants_cloud=True) for i in range(300)]
-
-    spent = [_spent(decision) for decision in decisions]
-    assert worst_window_excess(spent, 0.3) <= 3 + TOLERANCE
-    # Not stingy either: every want is served as soon as a whole token has accrued.
-    assert sum(spent) == 90
-    assert [d.sequence for d in decisions] == list(range(1, 301))
-    assert {d.reason for d in decisions} == {"granted", "ratio budget exhausted"}
+    check_every_window_is_bounded(
+        RedisBudgetKeeper(client, BudgetLimits(rho=0.3, burst=3), key_prefix=prefix)
+    )
 
 
 def test_burst_accrues_while_nobody_wants_cloud_and_is_capped(client: Redis, prefix: str) -> None:
-    keeper = RedisBudgetKeeper(client, BudgetLimits(rho=0.5, burst=2), key_prefix=prefix)
-    quiet = [keeper.decide(f"quiet{i}", wants_cloud=False) for i in range(10)]
-    assert all(not d.cloud and d.reason == "not wanted" for d in quiet)
-    assert quiet[-1].tokens_left == pytest.approx(2.0)
-
-    busy = [keeper.decide(f"busy{i}", wants_cloud=True) for i in range(4)]
-    assert [d.cloud for d in busy] == [True, True, True, False]
-    assert keeper.stats()["cloud"] == 3
+    check_burst_accrues_and_is_capped(
+        RedisBudgetKeeper(client, BudgetLimits(rho=0.5, burst=2), key_prefix=prefix)
+    )
 
 
 def test_a_redelivered_request_gets_its_first_decision_and_spends_once(
@@ -153,30 +143,18 @@ def test_the_rate_bucket_limits_cloud_routes_per_second(client: Redis, prefix: s
 def test_exploration_takes_a_cloud_token_only_when_routed_to_edge(
     client: Redis, prefix: str
 ) -> None:
-    keeper = RedisBudgetKeeper(
-        client,
-        BudgetLimits(rho=0.5, burst=1, exploration_rate=0.5, exploration_burst=1),
-        key_prefix=prefix,
+    check_exploration_costs_a_cloud_token(
+        RedisBudgetKeeper(
+            client,
+            BudgetLimits(rho=0.5, burst=1, exploration_rate=0.5, exploration_burst=1),
+            key_prefix=prefix,
+        ),
+        RedisBudgetKeeper(
+            client,
+            BudgetLimits(rho=1, burst=1, exploration_rate=1, exploration_burst=1),
+            key_prefix=prefix + ":both",
+        ),
     )
-    first = keeper.decide("e1", wants_cloud=False)
-    explored = keeper.decide("e2", wants_cloud=False)
-    starved = keeper.decide("e3", wants_cloud=True)
-    assert not first.explore
-    assert explored.explore and not explored.cloud and explored.tokens_left == pytest.approx(0)
-    assert not starved.cloud and starved.reason == "ratio budget exhausted"
-
-    both = RedisBudgetKeeper(
-        client,
-        BudgetLimits(rho=1, burst=1, exploration_rate=1, exploration_burst=1),
-        key_prefix=prefix + "b",
-    )
-    cloud_and_explore = both.decide("b1", wants_cloud=True)
-    assert cloud_and_explore.cloud and cloud_and_explore.explore
-    assert cloud_and_explore.tokens_left == pytest.approx(0)  # one cloud generation, one token
-    _drop(client, prefix + "b")
-
-    stats = keeper.stats()
-    assert (stats["explore"], stats["cloud"], stats["cloud_generations"]) == (1, 0, 1)
 
 
 def test_unreachable_redis_routes_to_edge_at_once() -> None:
@@ -248,9 +226,9 @@ def test_the_bound_holds_across_router_processes(prefix: str) -> None:
     handovers = sum(a[1] != b[1] for a, b in itertools.pairwise(decisions))
     assert handovers > workers * 10, "the processes did not interleave; the test proves nothing"
 
-    spent = [cloud or explore for _, _, cloud, explore in decisions]
-    assert worst_window_excess(spent, 0.3) <= 5 + TOLERANCE
-    assert sum(spent) == workers * per_worker * 3 // 10  # and every whole token was spent
+    cost = [cloud or explore for _, _, cloud, explore in decisions]
+    assert worst_window_excess(cost, 0.3) <= 5 + TOLERANCE
+    assert sum(cost) == workers * per_worker * 3 // 10  # and every whole token was spent
     assert sum(explore for *_, explore in decisions) > 0
 
 
@@ -318,4 +296,4 @@ def test_the_script_decides_as_the_local_keeper_does(
 
     assert [redis_side for redis_side, _ in pairs] == [local_side for _, local_side in pairs]
     firsts = sorted({d.sequence: d for d, _ in pairs}.values(), key=lambda d: d.sequence or 0)
-    assert worst_window_excess([_spent(d) for d in firsts], rho) <= burst + TOLERANCE
+    assert worst_window_excess([spent(d) for d in firsts], rho) <= burst + TOLERANCE

@@ -11,6 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis import Redis
 
+from tests.budget_scenarios import (
+    TOLERANCE,
+    check_burst_accrues_and_is_capped,
+    check_every_window_is_bounded,
+    check_exploration_costs_a_cloud_token,
+    spent,
+)
 from workers.budget import (
     MICRO,
     BudgetDecision,
@@ -25,8 +32,6 @@ from workers.budget import (
 )
 from workers.settings import Settings
 
-TOLERANCE = 1e-6  # amounts are kept in micro-tokens
-
 
 class FakeClock:
     """Microseconds that move only when a test says so."""
@@ -39,11 +44,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += round(seconds * MICRO)
-
-
-def _spent(decision: BudgetDecision) -> bool:
-    """Whether the decision costs a cloud generation: a cloud route or an exploration."""
-    return decision.cloud or decision.explore
 
 
 @pytest.mark.parametrize(
@@ -128,25 +128,11 @@ def test_the_settings_pick_the_keeper() -> None:
 
 
 def test_cloud_share_is_bounded_and_every_whole_token_is_served() -> None:
-    keeper = LocalBudgetKeeper(BudgetLimits(rho=0.3, burst=3))
-    decisions = [keeper.decide(f"r{i}", wants_cloud=True) for i in range(300)]
-
-    spent = [_spent(decision) for decision in decisions]
-    assert worst_window_excess(spent, 0.3) <= 3 + TOLERANCE
-    assert sum(spent) == 90
-    assert [d.sequence for d in decisions] == list(range(1, 301))
-    assert {d.reason for d in decisions} == {"granted", "ratio budget exhausted"}
+    check_every_window_is_bounded(LocalBudgetKeeper(BudgetLimits(rho=0.3, burst=3)))
 
 
 def test_burst_accrues_while_nobody_wants_cloud_and_is_capped() -> None:
-    keeper = LocalBudgetKeeper(BudgetLimits(rho=0.5, burst=2))
-    quiet = [keeper.decide(f"quiet{i}", wants_cloud=False) for i in range(10)]
-    assert all(not d.cloud and d.reason == "not wanted" for d in quiet)
-    assert quiet[-1].tokens_left == pytest.approx(2.0)
-
-    busy = [keeper.decide(f"busy{i}", wants_cloud=True) for i in range(4)]
-    assert [d.cloud for d in busy] == [True, True, True, False]
-    assert keeper.stats()["cloud"] == 3
+    check_burst_accrues_and_is_capped(LocalBudgetKeeper(BudgetLimits(rho=0.5, burst=2)))
 
 
 def test_a_redelivered_request_gets_its_first_decision_and_spends_once() -> None:
@@ -206,23 +192,12 @@ def test_the_rate_bucket_limits_cloud_routes_per_second() -> None:
 
 
 def test_exploration_takes_a_cloud_token_only_when_routed_to_edge() -> None:
-    keeper = LocalBudgetKeeper(
-        BudgetLimits(rho=0.5, burst=1, exploration_rate=0.5, exploration_burst=1)
+    check_exploration_costs_a_cloud_token(
+        LocalBudgetKeeper(
+            BudgetLimits(rho=0.5, burst=1, exploration_rate=0.5, exploration_burst=1)
+        ),
+        LocalBudgetKeeper(BudgetLimits(rho=1, burst=1, exploration_rate=1, exploration_burst=1)),
     )
-    first = keeper.decide("e1", wants_cloud=False)
-    explored = keeper.decide("e2", wants_cloud=False)
-    starved = keeper.decide("e3", wants_cloud=True)
-    assert not first.explore
-    assert explored.explore and not explored.cloud and explored.tokens_left == pytest.approx(0)
-    assert not starved.cloud and starved.reason == "ratio budget exhausted"
-    stats = keeper.stats()
-    assert (stats["explore"], stats["cloud"], stats["cloud_generations"]) == (1, 0, 1)
-
-    both = LocalBudgetKeeper(BudgetLimits(rho=1, burst=1, exploration_rate=1, exploration_burst=1))
-    cloud_and_explore = both.decide("b1", wants_cloud=True)
-    assert cloud_and_explore.cloud and cloud_and_explore.explore
-    assert cloud_and_explore.tokens_left == pytest.approx(0)  # one cloud generation, one token
-    assert both.stats()["cloud_generations"] == 1
 
 
 def test_exploration_waits_for_a_cloud_token() -> None:
@@ -252,8 +227,8 @@ def test_concurrent_threads_share_one_bucket() -> None:
 
     decisions = sorted((d for log in logs for d in log), key=lambda d: d.sequence or 0)
     assert [d.sequence for d in decisions] == list(range(1, 8001))
-    assert worst_window_excess([_spent(d) for d in decisions], 0.3) <= 5 + TOLERANCE
-    assert keeper.stats()["cloud_generations"] == sum(_spent(d) for d in decisions)
+    assert worst_window_excess([spent(d) for d in decisions], 0.3) <= 5 + TOLERANCE
+    assert keeper.stats()["cloud_generations"] == sum(spent(d) for d in decisions)
 
 
 @settings(max_examples=200, deadline=None)
@@ -285,10 +260,10 @@ def test_any_sequence_of_wants_keeps_the_bucket_honest(
         if wanted and not decision.cloud:
             assert available < 1 + TOLERANCE
         tokens = decision.tokens_left
-        assert tokens == pytest.approx(available - _spent(decision), abs=2 * TOLERANCE)
+        assert tokens == pytest.approx(available - spent(decision), abs=2 * TOLERANCE)
         assert -TOLERANCE <= tokens <= burst
 
     decisions = sorted(first.values(), key=lambda d: d.sequence or 0)
     assert [d.sequence for d in decisions] == list(range(1, len(first) + 1))
-    assert worst_window_excess([_spent(d) for d in decisions], rho) <= burst + TOLERANCE
-    assert keeper.stats()["cloud_generations"] == sum(_spent(d) for d in decisions)
+    assert worst_window_excess([spent(d) for d in decisions], rho) <= burst + TOLERANCE
+    assert keeper.stats()["cloud_generations"] == sum(spent(d) for d in decisions)
