@@ -353,15 +353,20 @@ class RouteT2IRouter:
         experts = self.config.n_metrics if self.config.multi_metric else 1
         return torch.cat(chunks) if chunks else torch.zeros(0, experts)
 
+    def predict_with_metrics(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted PRS (n,) and D_i (n, m) from one forward pass; with ``multi_metric`` off
+        the single column of D is the PRS itself."""
+        distance = self._distance(prompts)
+        prs: np.ndarray = self._fitted().prs(distance).numpy().astype(np.float64)
+        return prs, distance.numpy().astype(np.float64)
+
     def predict_prs(self, prompts: Sequence[str]) -> np.ndarray:
         """Predicted PRS in (0, 1) per prompt: below 1/2 the cloud image is expected better."""
-        prs: np.ndarray = self._fitted().prs(self._distance(prompts)).numpy().astype(np.float64)
-        return prs
+        return self.predict_with_metrics(prompts)[0]
 
     def predict_metrics(self, prompts: Sequence[str]) -> np.ndarray:
-        """Predicted D_i per prompt, (n, m); with ``multi_metric`` off the single column is PRS."""
-        distance: np.ndarray = self._distance(prompts).numpy().astype(np.float64)
-        return distance
+        """Predicted D_i per prompt, (n, m)."""
+        return self.predict_with_metrics(prompts)[1]
 
     def _document(self) -> dict[str, Any]:
         if self.prs_params is None:

@@ -37,9 +37,14 @@ class Prediction:
     router_version: str
 
 
+def model_for(tier: Tier, settings: Settings) -> str:
+    """The diffusers pipeline (local folder or hub id) that generates a tier's images."""
+    return settings.edge_model if tier is Tier.EDGE else settings.cloud_model
+
+
 @lru_cache(maxsize=2)
 def pipeline_for(tier: Tier, settings: Settings) -> DiffusionPipeline:
-    model = settings.edge_model if tier is Tier.EDGE else settings.cloud_model
+    model = model_for(tier, settings)
     log.info("loading %s pipeline from %s", tier.value, model)
     return load_pipeline(
         model,
@@ -86,12 +91,17 @@ class RouterService:
         self._alpha_at = float("-inf")
 
     def predict(self, prompt: str) -> Prediction:
-        prs = float(self._router.predict_prs([prompt])[0])
-        predict_metrics = getattr(self._router, "predict_metrics", None)
-        metrics = None
-        if callable(predict_metrics):
-            metrics = [float(v) for v in predict_metrics([prompt])[0]]
-        return Prediction(prs=prs, metrics=metrics, router_version=self._version)
+        """PRS, and the per-metric D_i where the router predicts them, in one forward pass."""
+        with_metrics = getattr(self._router, "predict_with_metrics", None)
+        if not callable(with_metrics):
+            prs = float(self._router.predict_prs([prompt])[0])
+            return Prediction(prs=prs, metrics=None, router_version=self._version)
+        prs_all, metrics_all = with_metrics([prompt])
+        return Prediction(
+            prs=float(prs_all[0]),
+            metrics=[float(v) for v in metrics_all[0]],
+            router_version=self._version,
+        )
 
     def alpha(self, session: Session) -> float:
         """Threshold calibrated so that about rho of recent requests would want the cloud

@@ -35,7 +35,7 @@ from workers.celery_app import (
 )
 from workers.images import ImageStore
 from workers.models import generate
-from workers.runtime import RouterService, pipeline_for, quality_scorer
+from workers.runtime import RouterService, model_for, pipeline_for, quality_scorer
 from workers.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def _generate(task: Task, request_id: str, tier: Tier) -> None:
             guidance_scale=request.guidance_scale,
         )
 
-    model_name = settings.edge_model if tier is Tier.EDGE else settings.cloud_model
+    model_name = model_for(tier, settings)
     generation = run_stage(
         task,
         request_id,
