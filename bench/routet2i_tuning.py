@@ -4,7 +4,8 @@ Every variant is scored with ``routing.evaluate.cross_validate`` on the same fol
 baselines, and the mean Delta P@50% per pair is printed.
 
 Run: ``python bench/routet2i_tuning.py --variant base: --variant rank:rank_loss=1.0 ...``
-(pairs SDXL_2_1->DALLE_3 and SDXL_Turbo->Midjourney_6, seeds 100-102, by default).
+(pairs SDXL_2_1->DALLE_3 and SDXL_Turbo->Midjourney_6, seeds 100-102, by default; ``--pairs``
+and ``--cross`` take the same forms as ``t2iroute eval genai-bench``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from typing import Any, cast
 
 import torch
 
-from routing.data import load_genai_bench
 from routing.evaluate import (
-    Experiment,
     FoldContext,
     RouterFactory,
     SharedEncoding,
@@ -28,8 +27,9 @@ from routing.evaluate import (
 )
 from routing.routet2i import RouteT2IRouter
 from routing.types import Router
+from workers.eval_cli import genai_bench_experiments
 
-DEV_PAIRS = (("SDXL_2_1", "DALLE_3"), ("SDXL_Turbo", "Midjourney_6"))
+DEV_PAIRS = "SDXL_2_1:DALLE_3,SDXL_Turbo:Midjourney_6"
 DEV_SEEDS = (100, 101, 102)
 
 
@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="name:key=value,...")
     parser.add_argument("--baselines", default="sw_ranking,prompt_length")
     parser.add_argument("--seeds", default=",".join(map(str, DEV_SEEDS)))
+    parser.add_argument("--pairs", default=DEV_PAIRS, help="EDGE:CLOUD,...")
+    parser.add_argument("--cross", default="", help="TRAIN_E:TRAIN_C/TEST_E:TEST_C,...")
     args = parser.parse_args()
     torch.set_num_threads(1)
     shared = SharedEncoding()
@@ -59,7 +61,7 @@ def main() -> None:
             return cast(Router, RouteT2IRouter(seed=c.seed, **overrides))
 
         factories[name] = make
-    experiments = [Experiment.same_pair(f"{e}->{c}", load_genai_bench(e, c)) for e, c in DEV_PAIRS]
+    experiments = genai_bench_experiments(args.pairs, args.cross)
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.perf_counter()
     scores = cross_validate(experiments, factories, seeds=seeds)

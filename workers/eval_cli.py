@@ -75,6 +75,27 @@ def _pair_name(edge: str, cloud: str) -> str:
     return f"{edge}->{cloud}"
 
 
+def genai_bench_experiments(pairs: str, cross: str, data: Path | None = None) -> list[Experiment]:
+    """Same-pair experiments for ``EDGE:CLOUD,...`` and cross-pair ones for
+    ``TRAIN_EDGE:TRAIN_CLOUD/TEST_EDGE:TEST_CLOUD,...``, each table loaded once."""
+    from routing.data import load_genai_bench
+
+    tables = {}
+    experiments = []
+    for edge, cloud in (_pair(p) for p in _split(pairs)):
+        tables[(edge, cloud)] = load_genai_bench(edge, cloud, data)
+        experiments.append(Experiment.same_pair(_pair_name(edge, cloud), tables[(edge, cloud)]))
+    for spec in _split(cross):
+        train_text, _, test_text = spec.partition("/")
+        train_pair, test_pair = _pair(train_text), _pair(test_text)
+        for pair in (train_pair, test_pair):
+            if pair not in tables:
+                tables[pair] = load_genai_bench(*pair, data)
+        name = f"{_pair_name(*train_pair)} => {_pair_name(*test_pair)}"
+        experiments.append(Experiment(name, tables[train_pair], tables[test_pair]))
+    return experiments
+
+
 @eval_app.command("genai-bench")
 def genai_bench(
     pairs: Annotated[str, typer.Option(help="Comma-separated EDGE:CLOUD model pairs.")] = ",".join(
@@ -97,21 +118,7 @@ def genai_bench(
     threads: ThreadsOption = 1,
 ) -> None:
     """GenAI-Bench human ratings (one score per image): every pair, plus the cross-pair runs."""
-    from routing.data import load_genai_bench
-
-    tables = {}
-    experiments = []
-    for edge, cloud in (_pair(p) for p in _split(pairs)):
-        tables[(edge, cloud)] = load_genai_bench(edge, cloud, data)
-        experiments.append(Experiment.same_pair(_pair_name(edge, cloud), tables[(edge, cloud)]))
-    for spec in _split(cross):
-        train_text, _, test_text = spec.partition("/")
-        train_pair, test_pair = _pair(train_text), _pair(test_text)
-        for pair in (train_pair, test_pair):
-            if pair not in tables:
-                tables[pair] = load_genai_bench(*pair, data)
-        name = f"{_pair_name(*train_pair)} => {_pair_name(*test_pair)}"
-        experiments.append(Experiment(name, tables[train_pair], tables[test_pair]))
+    experiments = genai_bench_experiments(pairs, cross, data)
     _run(experiments, _split(routers), seeds, folds, out, threads)
 
 
