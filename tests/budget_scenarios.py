@@ -3,6 +3,8 @@ tests/integration/test_budget.py, the in-process keeper in tests/unit/test_budge
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from workers.budget import BudgetDecision, BudgetKeeper, worst_window_excess
@@ -38,6 +40,26 @@ def check_burst_accrues_and_is_capped(keeper: BudgetKeeper) -> None:
     busy = [keeper.decide(f"busy{i}", wants_cloud=True) for i in range(4)]
     assert [d.cloud for d in busy] == [True, True, True, False]
     assert keeper.stats()["cloud"] == 3
+
+
+def check_a_redelivery_keeps_its_first_decision(
+    keeper: BudgetKeeper, before_redelivery: Callable[[], None] = lambda: None
+) -> None:
+    """For a keeper with rho 1 and burst 5: the same request id decided again, even with the
+    opposite want, gets its first decision back and spends once. ``before_redelivery`` runs
+    between the first decision and the redeliveries (a clock step, say)."""
+    assert (keeper.limits.rho, keeper.limits.burst) == (1.0, 5)
+    first = keeper.decide("same", wants_cloud=True)
+    before_redelivery()
+    again = keeper.decide("same", wants_cloud=True)
+    changed_mind = keeper.decide("same", wants_cloud=False)
+
+    assert first.cloud
+    assert again == first
+    assert changed_mind == first
+    stats = keeper.stats()
+    assert (stats["requests"], stats["cloud"]) == (1, 1)
+    assert stats["ratio_tokens"] == pytest.approx(0.0)
 
 
 def check_exploration_costs_a_cloud_token(keeper: BudgetKeeper, both: BudgetKeeper) -> None:

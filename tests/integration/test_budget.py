@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from tests.budget_scenarios import (
     TOLERANCE,
+    check_a_redelivery_keeps_its_first_decision,
     check_burst_accrues_and_is_capped,
     check_every_window_is_bounded,
     check_exploration_costs_a_cloud_token,
@@ -93,17 +94,7 @@ def test_a_redelivered_request_gets_its_first_decision_and_spends_once(
     keeper = RedisBudgetKeeper(
         client, BudgetLimits(rho=1.0, burst=5), key_prefix=prefix, marker_ttl_seconds=60
     )
-    first = keeper.decide("same", wants_cloud=True)
-    again = keeper.decide("same", wants_cloud=True)
-    changed_mind = keeper.decide("same", wants_cloud=False)
-
-    assert first.cloud
-    assert again == first
-    assert changed_mind == first
-    stats = keeper.stats()
-    assert stats["requests"] == 1
-    assert stats["cloud"] == 1
-    assert stats["ratio_tokens"] == pytest.approx(0.0)
+    check_a_redelivery_keeps_its_first_decision(keeper)
     assert 0 < client.ttl(f"{prefix}:request:same") <= 60
 
 

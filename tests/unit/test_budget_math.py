@@ -13,6 +13,7 @@ from redis import Redis
 
 from tests.budget_scenarios import (
     TOLERANCE,
+    check_a_redelivery_keeps_its_first_decision,
     check_burst_accrues_and_is_capped,
     check_every_window_is_bounded,
     check_exploration_costs_a_cloud_token,
@@ -138,16 +139,7 @@ def test_burst_accrues_while_nobody_wants_cloud_and_is_capped() -> None:
 def test_a_redelivered_request_gets_its_first_decision_and_spends_once() -> None:
     clock = FakeClock()
     keeper = LocalBudgetKeeper(BudgetLimits(rho=1.0, burst=5), marker_ttl_seconds=60, clock=clock)
-    first = keeper.decide("same", wants_cloud=True)
-    clock.advance(59)
-    again = keeper.decide("same", wants_cloud=True)
-    changed_mind = keeper.decide("same", wants_cloud=False)
-
-    assert first.cloud
-    assert again == first
-    assert changed_mind == first
-    stats = keeper.stats()
-    assert (stats["requests"], stats["cloud"], stats["ratio_tokens"]) == (1, 1, 0)
+    check_a_redelivery_keeps_its_first_decision(keeper, lambda: clock.advance(59))
 
     clock.advance(1)  # the marker has expired: the request is decided anew
     assert keeper.decide("same", wants_cloud=False).sequence == 2
