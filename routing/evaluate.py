@@ -247,6 +247,63 @@ def summarise(scores: Sequence[FoldScore]) -> list[Summary]:
     return summaries
 
 
+@dataclass(frozen=True)
+class PairedDifference:
+    """``router`` minus ``against`` on one experiment, fold by fold (both were scored on the same
+    test folds, so the fold-to-fold spread that both share cancels).
+
+    Each pair is (mean, standard error). The standard error counts one seed's folds as the
+    independent samples: the seeds re-split the same prompts, so they steady the mean but add
+    no new prompts, and dividing by the square root of every (seed, fold) run would overstate
+    the certainty. ``wins`` is the share of folds where ``router`` has the higher Delta P@50%
+    (a tie counts half).
+    """
+
+    experiment: str
+    router: str
+    against: str
+    runs: int
+    delta_p50: tuple[float, float]
+    apgr: tuple[float, float]
+    wins: float
+
+
+def _mean_se(values: np.ndarray, independent: int) -> tuple[float, float]:
+    if values.size == 0:
+        return float("nan"), float("nan")
+    spread = float(values.std(ddof=1)) if values.size > 1 else 0.0
+    return float(values.mean()), spread / np.sqrt(max(independent, 1))
+
+
+def paired_differences(scores: Sequence[FoldScore], router: str) -> list[PairedDifference]:
+    """``router`` against every other router of each experiment it was run on, over the folds
+    that both could normalise; in the order the routers first appear in ``scores``."""
+    by_run: dict[tuple[str, str], dict[tuple[int, int], FoldScore]] = {}
+    for score in scores:
+        by_run.setdefault((score.experiment, score.router), {})[(score.seed, score.fold)] = score
+    differences = []
+    for (experiment, other), runs in by_run.items():
+        mine = by_run.get((experiment, router))
+        if other == router or mine is None:
+            continue
+        keys = [k for k in mine if k in runs and np.isfinite(mine[k].apgr + runs[k].apgr)]
+        dp = np.array([mine[k].delta_p50 - runs[k].delta_p50 for k in keys])
+        apgr = np.array([mine[k].apgr - runs[k].apgr for k in keys])
+        folds_per_seed = len(keys) // max(len({seed for seed, _ in keys}), 1)
+        differences.append(
+            PairedDifference(
+                experiment=experiment,
+                router=router,
+                against=other,
+                runs=len(keys),
+                delta_p50=_mean_se(dp, folds_per_seed),
+                apgr=_mean_se(apgr, folds_per_seed),
+                wins=float(np.mean(dp > 0) + 0.5 * np.mean(dp == 0)) if keys else float("nan"),
+            )
+        )
+    return differences
+
+
 class SharedEncoding:
     """One frozen encoder and its memos for all the routers of a run, built on first use, so
     that 25 folds times several routers encode every prompt once (RouteT2I reads the same

@@ -28,7 +28,19 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from routing.evaluate import GAIN_TARGETS, ROUTERS, SHARES, Experiment, FoldScore, Summary
+from routing.evaluate import (
+    GAIN_TARGETS,
+    ROUTERS,
+    SHARES,
+    Experiment,
+    FoldScore,
+    PairedDifference,
+    Summary,
+    paired_differences,
+)
+
+# The router the paired comparisons of a report are taken against: the method itself.
+REFERENCE_ROUTER = "routet2i"
 
 eval_app = typer.Typer(
     help="Offline evaluation of routers (cross-validated).", no_args_is_help=True
@@ -226,13 +238,17 @@ def slug(name: str) -> str:
 def write_reports(
     out: Path, scores: Sequence[FoldScore], summaries: Sequence[Summary], run: dict[str, object]
 ) -> None:
-    """summary.md, summary.csv, folds.csv, curves.csv, run.json and curves_<experiment>.png."""
+    """summary.md, summary.csv, folds.csv, curves.csv, run.json, curves_<experiment>.png and,
+    when RouteT2I was run, paired.csv (RouteT2I minus every other router, fold by fold)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     _write_summary_csv(out / "summary.csv", summaries)
     _write_folds_csv(out / "folds.csv", scores)
     _write_curves_csv(out / "curves.csv", summaries)
-    (out / "summary.md").write_text(summary_markdown(summaries, run))
+    paired = paired_differences(scores, REFERENCE_ROUTER)
+    if paired:
+        _write_paired_csv(out / "paired.csv", paired)
+    (out / "summary.md").write_text(summary_markdown(summaries, run, paired))
     for experiment in dict.fromkeys(s.experiment for s in summaries):
         plot_curves(
             [s for s in summaries if s.experiment == experiment],
@@ -280,6 +296,16 @@ def _write_folds_csv(path: Path, scores: Sequence[FoldScore]) -> None:
             writer.writerow(_rounded([*row, r.edge_quality, r.cloud_quality]))
 
 
+def _write_paired_csv(path: Path, paired: Sequence[PairedDifference]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        header = ["experiment", "router", "against", "runs", "delta_p50_diff", "delta_p50_se"]
+        writer.writerow([*header, "apgr_diff", "apgr_se", "wins"])
+        for d in paired:
+            row = [d.experiment, d.router, d.against, d.runs, *d.delta_p50, *d.apgr, d.wins]
+            writer.writerow(_rounded(row))
+
+
 def _write_curves_csv(path: Path, summaries: Sequence[Summary]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -289,9 +315,14 @@ def _write_curves_csv(path: Path, summaries: Sequence[Summary]) -> None:
                 writer.writerow([s.experiment, s.router, f"{p:.2f}", f"{q:.4f}", f"{g:.4f}"])
 
 
-def summary_markdown(summaries: Sequence[Summary], run: dict[str, object]) -> str:
+def summary_markdown(
+    summaries: Sequence[Summary],
+    run: dict[str, object],
+    paired: Sequence[PairedDifference] = (),
+) -> str:
     """Two router x experiment tables (APGR, Delta P@50%) and one with the shares reaching
-    40/50/60% of the cloud's gain; mean ± std over all (seed, fold) runs."""
+    40/50/60% of the cloud's gain, mean ± std over all (seed, fold) runs; then, if given, the
+    paired differences of the reference router against each other one."""
     experiments = list(dict.fromkeys(s.experiment for s in summaries))
     routers = list(dict.fromkeys(s.router for s in summaries))
     by_key = {(s.experiment, s.router): s for s in summaries}
@@ -319,6 +350,8 @@ def summary_markdown(summaries: Sequence[Summary], run: dict[str, object]) -> st
     grid("ΔP@50% (gain over edge-only at 50% cloud, % of the cloud's gain)", "delta_p50")
     targets = "/".join(f"{t:.0%}" for t in GAIN_TARGETS)
     grid(f"Smallest cloud share reaching {targets} of the cloud's gain (mean)", "shares")
+    if paired:
+        lines.extend(_paired_markdown(paired, experiments))
     invalid = [s for s in summaries if s.valid < s.runs]
     for s in invalid:
         lines.append(
@@ -326,6 +359,34 @@ def summary_markdown(summaries: Sequence[Summary], run: dict[str, object]) -> st
             "gain to normalise by and are left out of the normalised numbers."
         )
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _paired_markdown(paired: Sequence[PairedDifference], experiments: Sequence[str]) -> list[str]:
+    reference = paired[0].router
+    lines = [
+        f"## {reference} minus each router, paired by fold: ΔP@50% points ± standard error "
+        "(share of folds won)",
+        "",
+        "The standard error counts one seed's folds as the independent samples (the seeds "
+        "re-split the same prompts); a difference of two standard errors or more is unlikely "
+        "to be fold noise.",
+        "",
+        "| against | " + " | ".join(experiments) + " |",
+        "|---|" + "---:|" * len(experiments),
+    ]
+    by_key = {(d.experiment, d.against): d for d in paired}
+    for against in dict.fromkeys(d.against for d in paired):
+        cells = []
+        for e in experiments:
+            d = by_key.get((e, against))
+            cells.append(
+                ""
+                if d is None or not np.isfinite(d.delta_p50[0])
+                else f"{d.delta_p50[0]:+.1f} ± {d.delta_p50[1]:.1f} ({d.wins:.0%})"
+            )
+        lines.append(f"| {against} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
 
 
 def _cell(s: Summary, kind: str) -> str:

@@ -15,13 +15,16 @@ from typer.testing import CliRunner
 
 from routing.encoder import FrozenTextEncoder
 from routing.evaluate import (
+    GAIN_TARGETS,
     SHARES,
     Experiment,
     FoldContext,
+    FoldScore,
     SharedEncoding,
     cross_validate,
     cumulative_gain,
     kfold_indices,
+    paired_differences,
     router_factories,
     score_routing,
     summarise,
@@ -29,7 +32,7 @@ from routing.evaluate import (
 from routing.types import PairTable, Router
 from tests.unit.test_baselines import hard_mask, word_table
 from tests.unit.tiny_text_encoder import build_tiny_encoder
-from workers.eval_cli import eval_app
+from workers.eval_cli import eval_app, summary_markdown
 
 
 def test_cumulative_gain_follows_the_ranking() -> None:
@@ -156,6 +159,47 @@ def test_summaries_average_over_folds() -> None:
     assert summaries["oracle"].apgr[0] == pytest.approx(np.mean([s.apgr for s in oracle]))
     assert summaries["oracle"].apgr[1] == pytest.approx(np.std([s.apgr for s in oracle], ddof=1))
     np.testing.assert_allclose(summaries["oracle"].quality, np.mean([s.quality for s in oracle], 0))
+
+
+def fold_score(router: str, seed: int, fold: int, delta_p50: float) -> FoldScore:
+    return FoldScore(
+        experiment="e",
+        router=router,
+        seed=seed,
+        fold=fold,
+        edge_quality=2.0,
+        cloud_quality=3.0,
+        quality=np.zeros(len(SHARES)),
+        recovered=np.zeros(len(SHARES)),
+        apgr=delta_p50 / 100.0,
+        delta_p50=delta_p50,
+        share_at=dict.fromkeys(GAIN_TARGETS, 0.5),
+    )
+
+
+def test_paired_differences_compare_fold_by_fold() -> None:
+    """Differences are taken per (seed, fold); the standard error divides the spread by the
+    square root of the folds of one seed, not of every run; a tie counts half a win; a fold
+    that either router could not normalise is left out of both."""
+    mine = {(0, 0): 70.0, (0, 1): 60.0, (1, 0): 80.0, (1, 1): 50.0, (2, 0): 1.0, (2, 1): 1.0}
+    theirs = {(0, 0): 65.0, (0, 1): 60.0, (1, 0): 70.0, (1, 1): 52.0, (2, 0): 0.0}
+    theirs[(2, 1)] = float("nan")
+    scores = [fold_score("a", s, f, v) for (s, f), v in mine.items()]
+    scores += [fold_score("b", s, f, v) for (s, f), v in theirs.items()]
+    [difference] = paired_differences(scores, "a")
+    assert (difference.router, difference.against, difference.runs) == ("a", "b", 5)
+    expected = np.array([5.0, 0.0, 10.0, -2.0, 1.0])
+    mean, se = difference.delta_p50
+    assert mean == pytest.approx(expected.mean())
+    # Five runs over three seeds: one seed's folds (5 // 3 = 1) are the independent samples.
+    assert se == pytest.approx(expected.std(ddof=1) / np.sqrt(1))
+    assert difference.apgr[0] == pytest.approx(expected.mean() / 100.0)
+    assert difference.wins == pytest.approx((3 + 0.5) / 5)
+    assert paired_differences(scores, "missing") == []
+    markdown = summary_markdown(
+        summarise(scores), {"command": "c", "wall_seconds": 1, "seeds": 3, "folds": 2}, [difference]
+    )
+    assert f"| b | {mean:+.1f} ± {se:.1f} (70%) |" in markdown
 
 
 @pytest.fixture(scope="module")
