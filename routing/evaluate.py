@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from routing.bert_router import TopLayerInputs
     from routing.embedding_baselines import PooledEmbeddings
     from routing.encoder import FrozenTextEncoder
+    from routing.routet2i import RouteT2IConfig
 
 SHARES: np.ndarray = np.round(np.linspace(0.0, 1.0, 21), 2)
 GAIN_TARGETS: tuple[float, ...] = (0.4, 0.5, 0.6)
@@ -342,7 +343,9 @@ class SharedEncoding:
         return self._top_layer
 
 
-def _learned(name: str, shared: SharedEncoding) -> RouterFactory:
+def _learned(
+    name: str, shared: SharedEncoding, routet2i_config: RouteT2IConfig | None
+) -> RouterFactory:
     from routing import embedding_baselines as emb
 
     def bert(c: FoldContext) -> Router:
@@ -356,7 +359,7 @@ def _learned(name: str, shared: SharedEncoding) -> RouterFactory:
         # Its ``name`` is a read-only property, which the Router protocol's plain attribute
         # does not admit to mypy although it satisfies the protocol at run time.
         # Its own encoder layer (routing.routet2i.shared_encoder keeps one memo per process).
-        return cast(Router, RouteT2IRouter(seed=c.seed))
+        return cast(Router, RouteT2IRouter(routet2i_config, seed=c.seed))
 
     factories: dict[str, RouterFactory] = {
         "bert_classifier": bert,
@@ -386,11 +389,17 @@ ROUTERS: tuple[str, ...] = (*HEURISTIC_ROUTERS[:3], *LEARNED_ROUTERS, "oracle")
 
 
 def router_factories(
-    names: Sequence[str] = ROUTERS, shared: SharedEncoding | None = None
+    names: Sequence[str] = ROUTERS,
+    shared: SharedEncoding | None = None,
+    routet2i_config: RouteT2IConfig | None = None,
 ) -> dict[str, RouterFactory]:
-    """Factories for the named routers; the learned ones share one ``SharedEncoding``."""
+    """Factories for the named routers; the learned baselines share one ``SharedEncoding``,
+    and RouteT2I is built from ``routet2i_config`` (its defaults when None), seeded per fold."""
     unknown = [n for n in names if n not in ROUTERS]
     if unknown:
         raise ValueError(f"unknown routers {unknown}; known: {', '.join(ROUTERS)}")
     shared = shared if shared is not None else SharedEncoding()
-    return {n: _heuristic(n) if n in HEURISTIC_ROUTERS else _learned(n, shared) for n in names}
+    return {
+        n: _heuristic(n) if n in HEURISTIC_ROUTERS else _learned(n, shared, routet2i_config)
+        for n in names
+    }

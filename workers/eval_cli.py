@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import platform
 import re
@@ -13,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
@@ -35,9 +36,13 @@ from routing.evaluate import (
     Experiment,
     FoldScore,
     PairedDifference,
+    SharedEncoding,
     Summary,
     paired_differences,
 )
+
+if TYPE_CHECKING:
+    from routing.routet2i import RouteT2IConfig
 
 # The router the paired comparisons of a report are taken against: the method itself.
 REFERENCE_ROUTER = "routet2i"
@@ -62,6 +67,21 @@ RoutersOption = Annotated[
 SeedsOption = Annotated[int, typer.Option(min=1, help="Repetitions of the k-fold split.")]
 FoldsOption = Annotated[int, typer.Option(min=2, help="Folds per split.")]
 OutOption = Annotated[Path, typer.Option(help="Folder for the reports.")]
+EncoderOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Frozen text encoder of every learned router: a folder or hub id (an encoder, a "
+        "whole CLIP checkpoint, a diffusers pipeline or its text_encoder folder). Default: "
+        "the shipped MiniLM."
+    ),
+]
+EncoderLayerOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Hidden state RouteT2I reads, -1 the last layer. Default: RouteT2I's own (-3, "
+        "chosen for MiniLM)."
+    ),
+]
 ThreadsOption = Annotated[
     int,
     typer.Option(
@@ -128,10 +148,12 @@ def genai_bench(
     ] = None,
     out: OutOption = Path("reports/genai_bench"),
     threads: ThreadsOption = 1,
+    encoder: EncoderOption = None,
+    encoder_layer: EncoderLayerOption = None,
 ) -> None:
     """GenAI-Bench human ratings (one score per image): every pair, plus the cross-pair runs."""
     experiments = genai_bench_experiments(pairs, cross, data)
-    _run(experiments, _split(routers), seeds, folds, out, threads)
+    _run(experiments, _split(routers), seeds, folds, out, threads, encoder, encoder_layer)
 
 
 @eval_app.command("table")
@@ -146,6 +168,8 @@ def table(
     folds: FoldsOption = 5,
     out: OutOption = Path("reports/table"),
     threads: ThreadsOption = 1,
+    encoder: EncoderOption = None,
+    encoder_layer: EncoderLayerOption = None,
 ) -> None:
     """Any labelled table: one score per tier, or one column per metric and tier."""
     from routing.data import load_metric_table
@@ -155,7 +179,7 @@ def table(
     if test_file is not None:
         test = load_metric_table(test_file)
         experiments.append(Experiment(f"{file.stem} => {test_file.stem}", train, test))
-    _run(experiments, _split(routers), seeds, folds, out, threads)
+    _run(experiments, _split(routers), seeds, folds, out, threads, encoder, encoder_layer)
 
 
 def _run(
@@ -165,6 +189,8 @@ def _run(
     folds: int,
     out: Path,
     threads: int,
+    encoder: str | None = None,
+    encoder_layer: int | None = None,
 ) -> None:
     import torch
 
@@ -172,9 +198,14 @@ def _run(
 
     torch.set_num_threads(threads)
     try:
-        factories = router_factories(routers)
-    except ValueError as exc:
+        shared, routet2i_config = _encoding(encoder, encoder_layer)
+        factories = router_factories(routers, shared, routet2i_config)
+        if "bert_classifier" in factories:
+            shared.top_layer.top_layer()  # it fine-tunes a BERT layer: fail now, not mid-run
+    except (ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from exc
+    except TypeError as exc:
+        raise typer.BadParameter(f"{exc}; leave bert_classifier out with --routers") from exc
     steps = len(experiments) * seeds * folds * len(factories)
     started = time.perf_counter()
     columns = (
@@ -204,6 +235,8 @@ def _run(
         "folds": folds,
         "routers": list(factories),
         "experiments": [e.name for e in experiments],
+        "encoder": encoder or "MiniLM (all-MiniLM-L6-v2, shipped)",
+        "routet2i_encoder_layer": routet2i_config.encoder_layer,
         "torch_threads": threads,
         "python": platform.python_version(),
         "machine": platform.machine(),
@@ -211,6 +244,21 @@ def _run(
     write_reports(out, scores, summaries, run)
     _print_table(summaries)
     console.print(f"[green]{steps} fits in {wall:.0f} s; reports in {out}[/green]")
+
+
+def _encoding(encoder: str | None, layer: int | None) -> tuple[SharedEncoding, RouteT2IConfig]:
+    """The baselines' shared encoding and RouteT2I's config for a chosen encoder and layer.
+    The encoder is loaded here, so a path that does not load fails before any training."""
+    from routing.routet2i import RouteT2IConfig, shared_encoder
+
+    config = RouteT2IConfig(encoder=encoder)
+    if layer is not None:
+        config = dataclasses.replace(config, encoder_layer=layer)
+    pooled = shared_encoder(config.encoder, config.encoder_revision, config.max_length)
+    # RouteT2I's own layer, loaded now too: an out-of-range layer is a bad option, not a crash
+    # in the first fold.
+    shared_encoder(config.encoder, config.encoder_revision, config.max_length, config.encoder_layer)
+    return SharedEncoding(pooled), config
 
 
 def _fmt(mean_std: tuple[float, float], digits: int) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from routing.encoder import FrozenTextEncoder, default_encoder_path
 from tests.unit.tiny_text_encoder import build_tiny_encoder
@@ -78,3 +79,47 @@ def test_layer_picks_an_earlier_hidden_state(tmp_path: Path) -> None:
     layers = int(last.model.config.num_hidden_layers)
     with pytest.raises(ValueError, match="out of range"):
         FrozenTextEncoder(path, layer=layers + 1)
+
+
+def _text_states(model: CLIPTextModel, encoder: FrozenTextEncoder, prompt: str) -> torch.Tensor:
+    """The hidden states of ``encoder.layer`` computed with the text model loaded directly."""
+    batch = encoder.tokenizer([prompt], return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states[encoder.layer]
+    return hidden[0]
+
+
+def test_reads_the_text_tower_of_a_whole_clip_checkpoint(tiny_models: dict[str, Path]) -> None:
+    """A CLIP checkpoint holds an image and a text tower; the encoder is its text tower, with
+    the weights the checkpoint stores (not a fresh initialisation)."""
+    encoder = FrozenTextEncoder(tiny_models["clip"], layer=-2)
+    assert isinstance(encoder.model, CLIPTextModel)
+    direct = CLIPTextModel.from_pretrained(tiny_models["clip"], use_safetensors=True).eval()
+    states, mask = encoder.token_states(["a red cat on a mat"])
+    assert encoder.dim == direct.config.hidden_size
+    expected = _text_states(direct, encoder, "a red cat on a mat")
+    torch.testing.assert_close(states[0, : int(mask[0].sum())], expected)
+
+
+@pytest.mark.parametrize("where", ["pipeline", "text_encoder"])
+def test_reads_a_pipelines_text_encoder(tiny_models: dict[str, Path], where: str) -> None:
+    """The edge pipeline's own CLIP text encoder, named by the pipeline folder or by its
+    ``text_encoder`` folder (whose tokenizer is the sibling ``tokenizer`` folder)."""
+    pipeline = tiny_models["edge"]
+    path = pipeline if where == "pipeline" else pipeline / "text_encoder"
+    encoder = FrozenTextEncoder(path)
+    direct = CLIPTextModel.from_pretrained(
+        pipeline, subfolder="text_encoder", use_safetensors=True
+    ).eval()
+    assert (
+        encoder.tokenizer("two dogs")["input_ids"]
+        == direct_tokenizer(pipeline)("two dogs")["input_ids"]
+    )
+    states, mask = encoder.token_states(["two dogs in the snow"])
+    expected = _text_states(direct, encoder, "two dogs in the snow")
+    torch.testing.assert_close(states[0, : int(mask[0].sum())], expected)
+
+
+def direct_tokenizer(pipeline: Path) -> CLIPTokenizer:
+    tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer")
+    return tokenizer

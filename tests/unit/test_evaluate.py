@@ -295,3 +295,46 @@ def test_eval_rejects_unknown_routers(tmp_path: Path) -> None:
     result = CliRunner().invoke(eval_app, ["table", str(path), "--routers", "nope"])
     assert result.exit_code != 0
     assert "unknown routers" in result.output
+
+
+def test_eval_on_another_encoder(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """``--encoder`` puts every learned router on the chosen encoder (here the text tower of a
+    whole CLIP checkpoint) and ``--encoder-layer`` sets RouteT2I's layer; the report says so
+    and compares RouteT2I with the others fold by fold."""
+    path = tmp_path / "words.csv"
+    write_csv(path, word_table())
+    out = tmp_path / "report"
+    clip = str(tiny_models["clip"])
+    args = ["table", str(path), "--out", str(out), "--encoder", clip, "--encoder-layer", "-2"]
+    args += ["--routers", "random,sw_ranking,routet2i", "--seeds", "1", "--folds", "2"]
+    result = CliRunner().invoke(eval_app, args)
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["encoder"] == clip and run["routet2i_encoder_layer"] == -2
+    with (out / "paired.csv").open() as handle:
+        paired = list(csv.DictReader(handle))
+    assert {(r["router"], r["against"]) for r in paired} == {
+        ("routet2i", "random"),
+        ("routet2i", "sw_ranking"),
+    }
+    assert all(int(r["runs"]) == 2 for r in paired)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--encoder", "/no/such/encoder"], "/no/such/encoder"),
+        (["--encoder-layer", "99"], "out of range"),
+        (["--encoder", "CLIP", "--routers", "bert_classifier"], "BERT-family"),
+    ],
+)
+def test_eval_refuses_an_unusable_encoder_before_training(
+    tmp_path: Path, tiny_models: dict[str, Path], extra: list[str], message: str
+) -> None:
+    path = tmp_path / "t.csv"
+    write_csv(path, word_table())
+    extra = [str(tiny_models["clip"]) if a == "CLIP" else a for a in extra]
+    result = CliRunner().invoke(eval_app, ["table", str(path), "--out", str(tmp_path), *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "summary.md").exists()

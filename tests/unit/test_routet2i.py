@@ -247,6 +247,22 @@ def test_real_minilm_router_runs_end_to_end(tmp_path: Path) -> None:
     np.testing.assert_array_equal(load_router(tmp_path).predict_prs(table.prompts[:3]), prs)
 
 
+def test_router_on_the_edge_pipelines_clip_text_encoder(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The encoder RouteT2I was designed around: the CLIP text encoder that conditions the
+    images, named by the pipeline folder; a saved router finds it again through its config."""
+    table = planted_table(16, seed=5)
+    router = RouteT2IRouter(dataclasses.replace(FAST, epochs=2, encoder=str(tiny_models["edge"])))
+    router.fit(table)
+    assert router.config.hidden == router.encoder.dim == 32
+    prs = router.predict_prs(table.prompts[:4])
+    save_router(router, tmp_path)
+    loaded = load_router(tmp_path)
+    assert isinstance(loaded, RouteT2IRouter) and loaded.config.encoder == str(tiny_models["edge"])
+    np.testing.assert_array_equal(loaded.predict_prs(table.prompts[:4]), prs)
+
+
 def test_pairwise_rank_loss_reads_only_the_order() -> None:
     target = torch.tensor([0.9, 0.5, 0.1, 0.5])
     right = torch.tensor([0.7, 0.5, 0.3, 0.5])
