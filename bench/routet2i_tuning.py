@@ -5,7 +5,8 @@ baselines, and the mean Delta P@50% per pair is printed.
 
 Run: ``python bench/routet2i_tuning.py --variant base: --variant rank:rank_loss=1.0 ...``
 (pairs SDXL_2_1->DALLE_3 and SDXL_Turbo->Midjourney_6, seeds 100-102, by default; ``--pairs``
-and ``--cross`` take the same forms as ``t2iroute eval genai-bench``).
+and ``--cross`` take the same forms as ``t2iroute eval genai-bench``; ``--encoder`` puts every
+router on another encoder, RouteT2I's layer then set per variant with ``encoder_layer=N``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, cast
 
 import torch
 
+from routing.encoder import FrozenTextEncoder
 from routing.evaluate import (
     FoldContext,
     RouterFactory,
@@ -25,7 +27,7 @@ from routing.evaluate import (
     router_factories,
     summarise,
 )
-from routing.routet2i import RouteT2IRouter
+from routing.routet2i import RouteT2IConfig, RouteT2IRouter
 from routing.types import Router
 from workers.eval_cli import genai_bench_experiments
 
@@ -49,16 +51,18 @@ def main() -> None:
     parser.add_argument("--seeds", default=",".join(map(str, DEV_SEEDS)))
     parser.add_argument("--pairs", default=DEV_PAIRS, help="EDGE:CLOUD,...")
     parser.add_argument("--cross", default="", help="TRAIN_E:TRAIN_C/TEST_E:TEST_C,...")
+    parser.add_argument("--encoder", default=None, help="encoder of every router (default MiniLM)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    shared = SharedEncoding()
+    shared = SharedEncoding(FrozenTextEncoder(args.encoder) if args.encoder else None)
     baselines = [b for b in args.baselines.split(",") if b]
     factories: dict[str, RouterFactory] = dict(router_factories(baselines, shared))
     for text in args.variant:
         name, overrides = parse_variant(text)
 
         def make(c: FoldContext, overrides: dict[str, Any] = overrides) -> Router:
-            return cast(Router, RouteT2IRouter(seed=c.seed, **overrides))
+            config = RouteT2IConfig(encoder=args.encoder)
+            return cast(Router, RouteT2IRouter(config, seed=c.seed, **overrides))
 
         factories[name] = make
     experiments = genai_bench_experiments(args.pairs, args.cross)
