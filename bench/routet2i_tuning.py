@@ -18,18 +18,16 @@ from typing import Any, cast
 
 import torch
 
-from routing.encoder import FrozenTextEncoder
 from routing.evaluate import (
     FoldContext,
     RouterFactory,
-    SharedEncoding,
     cross_validate,
     router_factories,
     summarise,
 )
-from routing.routet2i import RouteT2IConfig, RouteT2IRouter
+from routing.routet2i import RouteT2IRouter
 from routing.types import Router
-from workers.eval_cli import genai_bench_experiments
+from workers.eval_cli import encodings, genai_bench_experiments
 
 DEV_PAIRS = "SDXL_2_1:DALLE_3,SDXL_Turbo:Midjourney_6"
 DEV_SEEDS = (100, 101, 102)
@@ -54,15 +52,14 @@ def main() -> None:
     parser.add_argument("--encoder", default=None, help="encoder of every router (default MiniLM)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    shared = SharedEncoding(FrozenTextEncoder(args.encoder) if args.encoder else None)
     baselines = [b for b in args.baselines.split(",") if b]
+    shared, base = encodings(args.encoder, None, baselines)
     factories: dict[str, RouterFactory] = dict(router_factories(baselines, shared))
     for text in args.variant:
         name, overrides = parse_variant(text)
 
         def make(c: FoldContext, overrides: dict[str, Any] = overrides) -> Router:
-            config = RouteT2IConfig(encoder=args.encoder)
-            return cast(Router, RouteT2IRouter(config, seed=c.seed, **overrides))
+            return cast(Router, RouteT2IRouter(base, seed=c.seed, **overrides))
 
         factories[name] = make
     experiments = genai_bench_experiments(args.pairs, args.cross)

@@ -209,7 +209,7 @@ class Summary:
     recovered: np.ndarray = field(repr=False)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def _mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
     finite = np.asarray(values, dtype=np.float64)
     finite = finite[np.isfinite(finite)]
     if finite.size == 0:
@@ -270,10 +270,9 @@ class PairedDifference:
 
 
 def _mean_se(values: np.ndarray, independent: int) -> tuple[float, float]:
-    if values.size == 0:
-        return float("nan"), float("nan")
-    spread = float(values.std(ddof=1)) if values.size > 1 else 0.0
-    return float(values.mean()), spread / np.sqrt(max(independent, 1))
+    """Mean and standard error, the spread divided by the root of the independent samples."""
+    mean, spread = _mean_std(values)
+    return mean, spread / np.sqrt(max(independent, 1))
 
 
 def paired_differences(scores: Sequence[FoldScore], router: str) -> list[PairedDifference]:

@@ -12,7 +12,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -198,7 +198,7 @@ def _run(
 
     torch.set_num_threads(threads)
     try:
-        shared, routet2i_config = _encoding(encoder, encoder_layer)
+        shared, routet2i_config = encodings(encoder, encoder_layer, routers)
         factories = router_factories(routers, shared, routet2i_config)
         if "bert_classifier" in factories:
             shared.top_layer.top_layer()  # it fine-tunes a BERT layer: fail now, not mid-run
@@ -246,18 +246,25 @@ def _run(
     console.print(f"[green]{steps} fits in {wall:.0f} s; reports in {out}[/green]")
 
 
-def _encoding(encoder: str | None, layer: int | None) -> tuple[SharedEncoding, RouteT2IConfig]:
+def encodings(
+    encoder: str | None, layer: int | None, routers: Sequence[str] = ROUTERS
+) -> tuple[SharedEncoding, RouteT2IConfig]:
     """The baselines' shared encoding and RouteT2I's config for a chosen encoder and layer.
-    The encoder is loaded here, so a path that does not load fails before any training."""
+
+    The encoder is loaded here, so a path that does not load fails before any training; so is
+    RouteT2I's layer when RouteT2I is among ``routers`` (an out-of-range layer is then a bad
+    option, not a crash in the first fold). Both come from ``shared_encoder``'s per-process
+    cache, which the routers read again at fit time, so nothing is loaded twice.
+    """
     from routing.routet2i import RouteT2IConfig, shared_encoder
 
     config = RouteT2IConfig(encoder=encoder)
     if layer is not None:
         config = dataclasses.replace(config, encoder_layer=layer)
     pooled = shared_encoder(config.encoder, config.encoder_revision, config.max_length)
-    # RouteT2I's own layer, loaded now too: an out-of-range layer is a bad option, not a crash
-    # in the first fold.
-    shared_encoder(config.encoder, config.encoder_revision, config.max_length, config.encoder_layer)
+    if REFERENCE_ROUTER in routers:
+        c = config
+        shared_encoder(c.encoder, c.encoder_revision, c.max_length, c.encoder_layer)
     return SharedEncoding(pooled), config
 
 
@@ -383,16 +390,12 @@ def summary_markdown(
         "",
     ]
 
-    def grid(title: str, cell: str) -> None:
-        lines.extend([f"## {title}", "", "| router | " + " | ".join(experiments) + " |"])
-        lines.append("|---|" + "---:|" * len(experiments))
-        for router in routers:
-            cells = []
-            for e in experiments:
-                s = by_key.get((e, router))
-                cells.append("" if s is None else _cell(s, cell))
-            lines.append(f"| {router} | " + " | ".join(cells) + " |")
-        lines.append("")
+    def grid(title: str, kind: str) -> None:
+        def cell(router: str, experiment: str) -> str:
+            s = by_key.get((experiment, router))
+            return "" if s is None else _cell(s, kind)
+
+        lines.extend(_markdown_grid(title, "router", routers, experiments, cell))
 
     grid("APGR (share of the cloud's gain recovered, averaged over cloud share 0..1)", "apgr")
     grid("ΔP@50% (gain over edge-only at 50% cloud, % of the cloud's gain)", "delta_p50")
@@ -409,32 +412,44 @@ def summary_markdown(
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _markdown_grid(
+    title: str,
+    label: str,
+    rows: Sequence[str],
+    experiments: Sequence[str],
+    cell: Callable[[str, str], str],
+    intro: Sequence[str] = (),
+) -> list[str]:
+    """A "## title" section holding a row x experiment table; ``cell(row, experiment)``."""
+    lines = [f"## {title}", "", *intro, f"| {label} | " + " | ".join(experiments) + " |"]
+    lines.append("|---|" + "---:|" * len(experiments))
+    for row in rows:
+        lines.append(f"| {row} | " + " | ".join(cell(row, e) for e in experiments) + " |")
+    lines.append("")
+    return lines
+
+
 def _paired_markdown(paired: Sequence[PairedDifference], experiments: Sequence[str]) -> list[str]:
-    reference = paired[0].router
-    lines = [
-        f"## {reference} minus each router, paired by fold: ΔP@50% points ± standard error "
-        "(share of folds won)",
-        "",
+    by_key = {(d.experiment, d.against): d for d in paired}
+
+    def cell(against: str, experiment: str) -> str:
+        d = by_key.get((experiment, against))
+        if d is None or not np.isfinite(d.delta_p50[0]):
+            return ""
+        return f"{d.delta_p50[0]:+.1f} ± {d.delta_p50[1]:.1f} ({d.wins:.0%})"
+
+    title = (
+        f"{paired[0].router} minus each router, paired by fold: ΔP@50% points ± standard error "
+        "(share of folds won)"
+    )
+    intro = (
         "The standard error counts one seed's folds as the independent samples (the seeds "
         "re-split the same prompts); a difference of two standard errors or more is unlikely "
         "to be fold noise.",
         "",
-        "| against | " + " | ".join(experiments) + " |",
-        "|---|" + "---:|" * len(experiments),
-    ]
-    by_key = {(d.experiment, d.against): d for d in paired}
-    for against in dict.fromkeys(d.against for d in paired):
-        cells = []
-        for e in experiments:
-            d = by_key.get((e, against))
-            cells.append(
-                ""
-                if d is None or not np.isfinite(d.delta_p50[0])
-                else f"{d.delta_p50[0]:+.1f} ± {d.delta_p50[1]:.1f} ({d.wins:.0%})"
-            )
-        lines.append(f"| {against} | " + " | ".join(cells) + " |")
-    lines.append("")
-    return lines
+    )
+    against = list(dict.fromkeys(d.against for d in paired))
+    return _markdown_grid(title, "against", against, experiments, cell, intro)
 
 
 def _cell(s: Summary, kind: str) -> str:
