@@ -87,7 +87,6 @@ class GenerationRequest(Base):
         default=Status.QUEUED,
     )
     failure_reason: Mapped[str | None] = mapped_column(Text)
-    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     created_at: Mapped[datetime] = _utc_now_column()
     updated_at: Mapped[datetime] = _utc_now_column()
 
@@ -112,6 +111,10 @@ class RoutingDecision(Base):
     )
     explore: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     budget_reason: Mapped[str] = mapped_column(Text, nullable=False)
+    # ``tier`` is the tier that serves the answer; when the chosen one could not (its worker
+    # kept failing, or it was out of service), this says which it was and why.
+    rerouted_from: Mapped[Tier | None] = mapped_column(_string_enum(Tier, "tier"))
+    reroute_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _utc_now_column()
 
 
@@ -174,6 +177,72 @@ class TrainingPair(Base):
     edge_scores: Mapped[list[float]] = mapped_column(nullable=False)
     cloud_scores: Mapped[list[float]] = mapped_column(nullable=False)
     created_at: Mapped[datetime] = _utc_now_column()
+
+
+class StepStatus(enum.StrEnum):
+    """pending: its message was sent (or is about to be). running: a worker started it.
+    done: its work is written. failed: it gave up, and so did its request. abandoned: an
+    exploration step that gave up, on the side; its request is not failed for it."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
+
+
+OPEN_STEP_STATUSES = (StepStatus.PENDING, StepStatus.RUNNING)
+
+
+class Dispatch(Base):
+    """One row per step a request needs (``route``, ``generate:TIER``, ``score:TIER``): what
+    was sent and when, and how its attempts went. Recorded in the transaction that decides
+    the step is needed, before its message is sent, so a step is never forgotten: the
+    sweeper re-sends one whose message can be shown lost, and only that."""
+
+    __tablename__ = "dispatches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("generation_requests.id", ondelete="CASCADE"), nullable=False
+    )
+    step: Mapped[str] = mapped_column(String(64), nullable=False)
+    status: Mapped[StepStatus] = mapped_column(
+        _string_enum(StepStatus, "step_status"), nullable=False, default=StepStatus.PENDING
+    )
+    # Messages sent for it; deliveries a worker started; failed attempts.
+    sends: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    starts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    failures: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    dispatched_at: Mapped[datetime] = _utc_now_column()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Last time the sweeper found its message in the broker (waiting, not lost).
+    seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("request_id", "step", name="uq_dispatches_request_step"),
+        Index(
+            "ix_dispatches_open",
+            "dispatched_at",
+            postgresql_where=text("status IN ('pending', 'running')"),
+            sqlite_where=text("status IN ('pending', 'running')"),
+        ),
+    )
+
+
+class TierHealth(Base):
+    """Consecutive generation failures per tier; a tier whose failures reach the threshold
+    is out of routing until ``open_until`` (a circuit breaker shared by every router)."""
+
+    __tablename__ = "tier_health"
+
+    tier: Mapped[str] = mapped_column(String(64), primary_key=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    open_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = _utc_now_column()
 
 
 class RouterVersion(Base):

@@ -5,37 +5,44 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, inspect, select, update
+from sqlalchemy import case, func, inspect, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import (
+    OPEN_STEP_STATUSES,
     Base,
+    Dispatch,
     Generation,
     GenerationRequest,
     QualityScore,
     RouterVersion,
     RoutingDecision,
     Status,
+    StepStatus,
     Tier,
+    TierHealth,
     TrainingPair,
 )
+
+
+def _insert(session: Session, model: type[Base]) -> postgresql.Insert | sqlite.Insert:
+    """The dialect's INSERT, which knows ON CONFLICT."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(model)
+    if dialect == "sqlite":
+        return sqlite.insert(model)
+    raise RuntimeError(f"unsupported database dialect {dialect!r}")
 
 
 def insert_ignore(session: Session, model: type[Base], values: dict[str, Any]) -> bool:
     """Insert one row unless a unique constraint already holds it. True if inserted.
     RETURNING, not rowcount: drivers disagree on rowcount for ON CONFLICT DO NOTHING."""
-    dialect = session.get_bind().dialect.name
-    statement: postgresql.Insert | sqlite.Insert
-    if dialect == "postgresql":
-        statement = postgresql.insert(model).values(**values).on_conflict_do_nothing()
-    elif dialect == "sqlite":
-        statement = sqlite.insert(model).values(**values).on_conflict_do_nothing()
-    else:
-        raise RuntimeError(f"unsupported database dialect {dialect!r}")
+    statement = _insert(session, model).values(**values).on_conflict_do_nothing()
     key = inspect(model).primary_key[0]
     return session.execute(statement.returning(key)).first() is not None
 
@@ -62,47 +69,260 @@ def transition(
 
 
 def fail(session: Session, request_id: str, reason: str) -> bool:
-    """Final failure with a reason, from any state that is not already final."""
-    return transition(
+    """Final failure with a reason, from any state that is not already final; the steps
+    still open are closed with it, so the sweeper chases none of them."""
+    failed = transition(
         session,
         request_id,
         from_status=(Status.QUEUED, Status.ROUTED),
         to_status=Status.FAILED,
         reason=reason,
     )
+    if failed:
+        session.execute(
+            update(Dispatch)
+            .where(Dispatch.request_id == request_id, Dispatch.status.in_(OPEN_STEP_STATUSES))
+            .values(status=StepStatus.ABANDONED, finished_at=func.now())
+        )
+    return failed
 
 
-def count_attempt(session: Session, request_id: str) -> int:
-    """Count one more delivery that has not (yet) made progress, and return the count.
-    Redis keeps no delivery count, so a message that crashes its worker every time is
-    recognised here and failed after ``max_attempts``."""
+def database_now(session: Session) -> datetime:
+    """The database's clock, the one every worker shares (not this host's)."""
+    return _as_datetime(session.scalar(select(func.now())))
+
+
+# --- steps (dispatches) --------------------------------------------------------------------
+
+
+def record_steps(session: Session, request_id: str, steps: Sequence[str]) -> list[str]:
+    """Record the steps a request now needs; return those not recorded before, whose
+    messages the caller sends after commit (a redelivered hand-off sends nothing twice)."""
+    if not steps:
+        return []
+    statement = (
+        _insert(session, Dispatch)
+        .values([{"request_id": request_id, "step": step} for step in steps])
+        .on_conflict_do_nothing()
+        .returning(Dispatch.step)
+    )
+    recorded = set(session.scalars(statement))
+    return [step for step in steps if step in recorded]
+
+
+@dataclass(frozen=True)
+class StepStart:
+    """A delivery that found its step open. ``failures`` counts the holder that died before
+    it, if the broker said this delivery is a redelivery of a message a worker held."""
+
+    failures: int
+    starts: int
+
+
+def start_step(
+    session: Session, request_id: str, step: str, *, redelivered: bool
+) -> StepStart | None:
+    """Mark a step running for this delivery. None when the step is not open (done, given
+    up, or never needed): the delivery is a duplicate and has nothing to do."""
+    died = case((Dispatch.status == StepStatus.RUNNING, 1), else_=0) if redelivered else 0
+    row = session.execute(
+        update(Dispatch)
+        .where(
+            Dispatch.request_id == request_id,
+            Dispatch.step == step,
+            Dispatch.status.in_(OPEN_STEP_STATUSES),
+        )
+        .values(
+            status=StepStatus.RUNNING,
+            starts=Dispatch.starts + 1,
+            failures=Dispatch.failures + died,
+            started_at=func.now(),
+        )
+        .returning(Dispatch.failures, Dispatch.starts)
+    ).first()
+    return None if row is None else StepStart(failures=int(row[0]), starts=int(row[1]))
+
+
+def finish_step(
+    session: Session, request_id: str, step: str, status: StepStatus = StepStatus.DONE
+) -> bool:
+    """Close an open step. True if this call closed it."""
     result = session.execute(
-        update(GenerationRequest)
-        .where(GenerationRequest.id == request_id)
-        .values(attempts=GenerationRequest.attempts + 1, updated_at=func.now())
-        .returning(GenerationRequest.attempts)
+        update(Dispatch)
+        .where(
+            Dispatch.request_id == request_id,
+            Dispatch.step == step,
+            Dispatch.status.in_(OPEN_STEP_STATUSES),
+        )
+        .values(status=status, finished_at=func.now())
     )
-    attempts = result.scalar_one_or_none()
-    if attempts is None:
-        raise LookupError(f"no generation request {request_id}")
-    return int(attempts)
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def record_progress(session: Session, request_id: str) -> None:
-    """A stage made progress: the count of attempts without progress starts again."""
+def fail_attempt(session: Session, request_id: str, step: str, error: str) -> int | None:
+    """Count one failed attempt of an open step and return the count (None if closed)."""
+    return session.scalar(
+        update(Dispatch)
+        .where(
+            Dispatch.request_id == request_id,
+            Dispatch.step == step,
+            Dispatch.status.in_(OPEN_STEP_STATUSES),
+        )
+        .values(
+            failures=Dispatch.failures + 1,
+            status=StepStatus.PENDING,
+            last_error=error[:4000],
+        )
+        .returning(Dispatch.failures)
+    )
+
+
+def step_status(session: Session, request_id: str, step: str) -> StepStatus | None:
+    status = session.scalar(
+        select(Dispatch.status).where(Dispatch.request_id == request_id, Dispatch.step == step)
+    )
+    return None if status is None else StepStatus(status)
+
+
+def steps_of(session: Session, request_id: str) -> list[Dispatch]:
+    return list(
+        session.scalars(
+            select(Dispatch).where(Dispatch.request_id == request_id).order_by(Dispatch.id)
+        )
+    )
+
+
+@dataclass(frozen=True)
+class OverdueStep:
+    id: int
+    request_id: str
+    step: str
+    status: StepStatus
+    starts: int
+    sends: int
+    last_sign: datetime
+
+
+def overdue_steps(session: Session, cutoff: datetime, limit: int) -> list[OverdueStep]:
+    """Open steps with no sign of life since ``cutoff``: not sent, started or seen waiting
+    in the broker since then. Candidates for the sweeper's broker check, oldest first."""
+    signs = [
+        Dispatch.dispatched_at,
+        func.coalesce(Dispatch.started_at, Dispatch.dispatched_at),
+        func.coalesce(Dispatch.seen_at, Dispatch.dispatched_at),
+    ]
+    # SQLite's many-argument max() is PostgreSQL's greatest().
+    sqlite = session.get_bind().dialect.name == "sqlite"
+    last_sign = (func.max if sqlite else func.greatest)(*signs).label("last_sign")
+    rows = session.execute(
+        select(
+            Dispatch.id,
+            Dispatch.request_id,
+            Dispatch.step,
+            Dispatch.status,
+            Dispatch.starts,
+            Dispatch.sends,
+            last_sign,
+        )
+        .where(Dispatch.status.in_(OPEN_STEP_STATUSES), last_sign < cutoff)
+        .order_by(Dispatch.dispatched_at)
+        .limit(limit)
+    )
+    return [
+        OverdueStep(
+            int(i), rid, step, StepStatus(status), int(starts), int(sends), _as_datetime(sign)
+        )
+        for i, rid, step, status, starts, sends, sign in rows
+    ]
+
+
+def _as_datetime(value: object) -> datetime:
+    """An aware UTC timestamp; SQLite hands back naive ones, or text for an expression."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if not isinstance(moment, datetime):
+        raise TypeError(f"not a timestamp: {value!r}")
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def mark_seen(session: Session, step_ids: Sequence[int], now: datetime) -> None:
+    if step_ids:
+        session.execute(update(Dispatch).where(Dispatch.id.in_(step_ids)).values(seen_at=now))
+
+
+def claim_resend(session: Session, overdue: OverdueStep, now: datetime) -> int | None:
+    """Count one more message for a lost step, unless a worker touched it since it was read
+    (then it is not lost). The new send number, or None."""
+    return session.scalar(
+        update(Dispatch)
+        .where(
+            Dispatch.id == overdue.id,
+            Dispatch.status == overdue.status,
+            Dispatch.starts == overdue.starts,
+            Dispatch.sends == overdue.sends,
+        )
+        .values(sends=Dispatch.sends + 1, dispatched_at=now, status=StepStatus.PENDING)
+        .returning(Dispatch.sends)
+    )
+
+
+# --- tier health (circuit breaker) -----------------------------------------------------------
+
+
+def record_tier_failure(
+    session: Session, tier: str, error: str, *, threshold: int, cooldown_seconds: float
+) -> bool:
+    """Count a failed generation on a tier; open its breaker at ``threshold`` failures in a
+    row. True when this failure opened it (or kept it open)."""
+    failures = session.scalar(
+        _insert(session, TierHealth)
+        .values(tier=tier, consecutive_failures=1, last_error=error[:4000])
+        .on_conflict_do_update(
+            index_elements=[TierHealth.tier],
+            set_={
+                "consecutive_failures": TierHealth.consecutive_failures + 1,
+                "last_error": error[:4000],
+                "updated_at": func.now(),
+            },
+        )
+        .returning(TierHealth.consecutive_failures)
+    )
+    if failures is None or failures < threshold:
+        return False
     session.execute(
-        update(GenerationRequest)
-        .where(GenerationRequest.id == request_id)
-        .values(attempts=0, updated_at=func.now())
+        update(TierHealth)
+        .where(TierHealth.tier == tier)
+        .values(open_until=database_now(session) + timedelta(seconds=cooldown_seconds))
     )
+    return True
+
+
+def record_tier_success(session: Session, tier: str) -> None:
+    session.execute(
+        update(TierHealth)
+        .where(TierHealth.tier == tier, TierHealth.consecutive_failures > 0)
+        .values(consecutive_failures=0, open_until=None, updated_at=func.now())
+    )
+
+
+def unavailable_tiers(session: Session) -> dict[str, str]:
+    """Tiers whose breaker is open now, with their last error."""
+    rows = session.execute(
+        select(TierHealth.tier, TierHealth.last_error).where(
+            TierHealth.open_until > database_now(session)
+        )
+    )
+    return {tier: error or "" for tier, error in rows}
 
 
 def get_request(session: Session, request_id: str) -> GenerationRequest | None:
     return session.get(GenerationRequest, request_id)
 
 
-def get_decision(session: Session, request_id: str) -> RoutingDecision | None:
-    return session.scalar(select(RoutingDecision).where(RoutingDecision.request_id == request_id))
+def get_decision(
+    session: Session, request_id: str, *, for_update: bool = False
+) -> RoutingDecision | None:
+    statement = select(RoutingDecision).where(RoutingDecision.request_id == request_id)
+    return session.scalar(statement.with_for_update() if for_update else statement)
 
 
 def get_generation(session: Session, request_id: str, tier: Tier) -> Generation | None:
@@ -111,8 +331,9 @@ def get_generation(session: Session, request_id: str, tier: Tier) -> Generation 
     )
 
 
-def required_tiers(decision: RoutingDecision) -> tuple[Tier, ...]:
-    """An exploration sample is generated on both tiers; any other request on its own tier."""
+def wanted_tiers(decision: RoutingDecision) -> tuple[Tier, ...]:
+    """An exploration sample is generated on both tiers; any other request on the tier that
+    serves its answer. Only the answer's tier decides when the request is done."""
     return (Tier.EDGE, Tier.CLOUD) if decision.explore else (decision.tier,)
 
 
@@ -186,20 +407,6 @@ def training_pairs(
         .order_by(TrainingPair.id)
     )
     return [(prompt, list(edge), list(cloud)) for prompt, edge, cloud in rows]
-
-
-def stuck_requests(
-    session: Session, older_than: timedelta, now: datetime, limit: int = 500
-) -> list[str]:
-    cutoff = now - older_than
-    condition: ColumnElement[bool] = GenerationRequest.status.in_((Status.QUEUED, Status.ROUTED))
-    rows = session.scalars(
-        select(GenerationRequest.id)
-        .where(condition, GenerationRequest.updated_at < cutoff)
-        .order_by(GenerationRequest.updated_at)
-        .limit(limit)
-    )
-    return list(rows)
 
 
 def status_counts(session: Session) -> dict[str, int]:

@@ -12,14 +12,16 @@ from pathlib import Path
 POSTGRES_ADMIN_URL = os.environ.get(
     "T2IROUTE_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
-TEST_DATABASE = "t2iroute_test"
+# Several test sessions on one machine (developers side by side) each name their own.
+TEST_DATABASE = os.environ.get("T2IROUTE_TEST_DATABASE", "t2iroute_test")
+BROKER_DB, BUDGET_DB = os.environ.get("T2IROUTE_TEST_REDIS_DBS", "14,15").split(",")
 SCRATCH = Path(tempfile.mkdtemp(prefix="t2iroute-tests-"))
 TINY_MODELS = SCRATCH / "models"
 
 TEST_ENV = {
     "T2IROUTE_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{TEST_DATABASE}",
-    "T2IROUTE_BROKER_URL": "redis://127.0.0.1:6379/14",
-    "T2IROUTE_REDIS_URL": "redis://127.0.0.1:6379/15",
+    "T2IROUTE_BROKER_URL": f"redis://127.0.0.1:6379/{BROKER_DB}",
+    "T2IROUTE_REDIS_URL": f"redis://127.0.0.1:6379/{BUDGET_DB}",
     "T2IROUTE_IMAGE_STORE": str(SCRATCH / "images"),
     "T2IROUTE_MODEL_STORE": str(SCRATCH / "routers"),
     "T2IROUTE_EDGE_MODEL": str(TINY_MODELS / "edge"),

@@ -105,3 +105,30 @@ def wait_until_final(request_ids: Sequence[str], timeout: float) -> dict[str, st
         if time.monotonic() > deadline:
             raise TimeoutError(f"requests not final after {timeout}s: {states}")
         time.sleep(0.3)
+
+
+def wait_until_steps_closed(request_ids: Sequence[str], timeout: float) -> None:
+    """Poll until no step of these requests is open: exploration steps go on after their
+    request is done."""
+    from sqlalchemy import func, select
+
+    from db.models import OPEN_STEP_STATUSES, Dispatch
+    from db.session import session_scope
+    from workers.settings import get_settings
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope(get_settings().database_url) as session:
+            still_open = session.scalar(
+                select(func.count())
+                .select_from(Dispatch)
+                .where(
+                    Dispatch.request_id.in_(list(request_ids)),
+                    Dispatch.status.in_(OPEN_STEP_STATUSES),
+                )
+            )
+        if not still_open:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{still_open} steps still open after {timeout}s")
+        time.sleep(0.3)

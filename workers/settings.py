@@ -70,13 +70,25 @@ class Settings(BaseSettings):
     default_height: int = 64
     default_steps: int = 2
 
-    # Reliability.
+    # Reliability. An attempt is a failure (a stage that raised, or a worker that died holding
+    # the message), never a delivery: a step gives up after ``max_attempts`` of them.
     max_attempts: int = Field(default=3, ge=1)
     task_time_limit: int = Field(default=600, ge=1)
     task_soft_time_limit: int = Field(default=540, ge=1)
     visibility_timeout: int = Field(default=3600, ge=1)
-    stuck_after_seconds: int = Field(default=900, ge=1)
-    sweep_interval_seconds: float = 60.0
+    # A dispatched step whose message is neither queued, nor held unacknowledged by a worker,
+    # nor started for this long is re-sent by the sweeper; a queued one never is.
+    lost_after_seconds: int = Field(default=60, ge=1)
+    # A step whose message was lost this many times fails with the reason.
+    max_resends: int = Field(default=10, ge=1)
+    sweep_interval_seconds: float = Field(default=30.0, gt=0.0)
+    # How long a task keeps retrying a database or Redis outage (backoff with jitter) before
+    # it leaves the step to the sweeper.
+    transient_retry_seconds: float = Field(default=180.0, ge=0.0)
+    # A tier whose generations fail this many times in a row is left out of routing for the
+    # cooldown; the requests routed there go to a tier that works.
+    tier_failure_threshold: int = Field(default=5, ge=1)
+    tier_cooldown_seconds: float = Field(default=60.0, gt=0.0)
     retrain_interval_seconds: float = 3600.0
     retrain_min_pairs: int = Field(default=50, ge=4)
     worker_max_memory_per_child_kb: int | None = None

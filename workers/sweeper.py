@@ -1,64 +1,139 @@
-"""The sweeper: re-enqueue requests stuck in one state longer than a timeout. The stage
-to resume is read from the rows a request already has, so a resend repeats only what is
-missing; after ``max_attempts`` sweeps without progress the request fails with the reason."""
+"""The sweeper: re-send a step whose message can be shown lost, and only that.
+
+A step with no sign of life (not sent, started or seen waiting) for ``lost_after_seconds``
+is checked against the broker: if a message for it waits in a queue or is held
+unacknowledged by a worker, the step is waiting, not stuck, and nothing is sent (a backlog
+of hours fails nothing and adds no copies). If the broker holds none (a Redis restart
+without persistence, a worker that died between its commit and its send, a producer that
+found the broker down), the step is re-sent. A step lost ``max_resends`` times gives up.
+
+Redis is read exactly (each queue's list and kombu's ``unacked`` hash). For a broker that
+keeps no record of delivered messages (the demo's file-system broker), a running step is
+taken as alive until the task time limit has passed since it started."""
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import func, select
+from celery import Celery
 from sqlalchemy.orm import Session
 
 from db import queries
-from db.models import Status, Tier
-from routing.metrics import METRICS_VERSION
-from workers.celery_app import TASK_GENERATE_CLOUD, TASK_GENERATE_EDGE, TASK_ROUTE, TASK_SCORE
+from db.models import StepStatus
+from workers import stages
+from workers.budget import BudgetKeeper
+from workers.flow import Send, Step, parse_task_id
 from workers.settings import Settings
 
-GENERATE_TASK = {Tier.EDGE: TASK_GENERATE_EDGE, Tier.CLOUD: TASK_GENERATE_CLOUD}
+log = logging.getLogger(__name__)
+
+# Steps checked per sweep; the rest wait for the next one.
+SWEEP_LIMIT = 1000
 
 
 @dataclass(frozen=True)
-class Resend:
-    task: str
-    args: tuple[str, ...]
+class BrokerView:
+    """The (request id, step) of every message the broker holds for these queues, and
+    whether that includes the messages workers hold unacknowledged."""
+
+    waiting: frozenset[tuple[str, str]]
+    tracks_delivered: bool
 
 
-def missing_work(session: Session, request_id: str) -> list[Resend]:
-    """The tasks that would move this request on from where it stands."""
-    request = queries.get_request(session, request_id)
-    if request is None or request.status in (Status.DONE, Status.FAILED):
-        return []
-    decision = queries.get_decision(session, request_id)
-    if decision is None:
-        return [Resend(TASK_ROUTE, (request_id,))]
-    scored = queries.scored_tiers(session, request_id, METRICS_VERSION)
-    resends = []
-    for tier in queries.required_tiers(decision):
-        if queries.get_generation(session, request_id, tier) is None:
-            resends.append(Resend(GENERATE_TASK[tier], (request_id,)))
-        elif tier not in scored:
-            resends.append(Resend(TASK_SCORE, (request_id, tier.value)))
-    return resends
+def _keys(payloads: Iterable[Any]) -> frozenset[tuple[str, str]]:
+    keys = set()
+    for payload in payloads:
+        message_id = payload.get("headers", {}).get("id") if isinstance(payload, dict) else None
+        parsed = parse_task_id(message_id) if isinstance(message_id, str) else None
+        if parsed is not None:
+            keys.add(parsed)
+    return frozenset(keys)
 
 
-def sweep_stuck(session: Session, settings: Settings) -> list[Resend]:
-    now = session.scalar(select(func.now()))  # the database's clock, not ours
-    assert isinstance(now, datetime)
-    stuck = queries.stuck_requests(
-        session, timedelta(seconds=settings.stuck_after_seconds), now=now
+def read_broker(app: Celery, queues: Iterable[str]) -> BrokerView | None:
+    """What the broker holds; None for a broker this cannot read."""
+    with app.connection_for_read() as connection:
+        channel: Any = connection.default_channel
+        transport = connection.transport.driver_type
+        if transport == "redis":
+            client = channel.client
+            payloads = [
+                json.loads(raw)
+                for queue in queues
+                for priority in channel.priority_steps
+                for raw in client.lrange(channel._q_for_pri(queue, priority), 0, -1)
+            ]
+            # kombu keeps each delivered, unacknowledged message as [payload, exchange, key].
+            payloads += [json.loads(raw)[0] for raw in client.hvals(channel.unacked_key)]
+            return BrokerView(_keys(payloads), tracks_delivered=True)
+        if transport == "filesystem":
+            folder = Path(channel.data_folder_in)
+            payloads = []
+            for path in folder.glob("*.msg"):
+                try:
+                    payloads.append(json.loads(path.read_text(encoding="utf-8")))
+                except (OSError, ValueError):
+                    continue  # taken by a worker while we read
+            return BrokerView(_keys(payloads), tracks_delivered=False)
+    return None
+
+
+def sweep(
+    session: Session,
+    settings: Settings,
+    broker: Callable[[], BrokerView | None],
+    budget: BudgetKeeper,
+) -> tuple[list[Send], list[Step]]:
+    """Re-send lost steps; return the messages to send after commit, and the steps that
+    gave up now (for the caller's log). ``broker`` is read only when a step is overdue."""
+    now = queries.database_now(session)
+    overdue = queries.overdue_steps(
+        session, now - timedelta(seconds=settings.lost_after_seconds), limit=SWEEP_LIMIT
     )
-    resends: list[Resend] = []
-    for request_id in stuck:
-        attempts = queries.count_attempt(session, request_id)
-        if attempts > settings.max_attempts:
-            queries.fail(
-                session,
-                request_id,
-                f"stuck: no progress after {attempts - 1} attempts "
-                f"(timeout {settings.stuck_after_seconds}s)",
-            )
+    if not overdue:
+        return [], []
+    view = broker()
+    waiting: list[int] = []
+    resends: list[Send] = []
+    gave_up: list[Step] = []
+    for step in overdue:
+        if _waiting(step, view, now, settings):
+            waiting.append(step.id)
             continue
-        resends.extend(missing_work(session, request_id))
-    return resends
+        parsed = Step.parse(step.step)
+        if step.sends >= settings.max_resends:
+            reason = f"{step.step}: its message was lost {step.sends} times"
+            resends.extend(
+                Send(step.request_id, s)
+                for s in stages.give_up(session, step.request_id, parsed, reason, budget)
+            )
+            gave_up.append(parsed)
+            continue
+        number = queries.claim_resend(session, step, now)
+        if number is not None:
+            log.warning("re-sending %s of %s: its message is lost", step.step, step.request_id)
+            resends.append(Send(step.request_id, parsed, number))
+    queries.mark_seen(session, waiting, now)
+    return resends, gave_up
+
+
+def _waiting(
+    step: queries.OverdueStep, view: BrokerView | None, now: datetime, settings: Settings
+) -> bool:
+    if view is not None and (step.request_id, step.step) in view.waiting:
+        return True
+    if view is not None and view.tracks_delivered:
+        return False
+    # Without the broker's record of delivered messages: a running step is alive until its
+    # time limit has passed, and with no broker view at all a pending one until a worker
+    # holding it would have had it back (the visibility timeout).
+    alive_for = settings.task_time_limit if step.status is StepStatus.RUNNING else 0
+    if view is None:
+        alive_for = max(alive_for, settings.visibility_timeout)
+    return step.last_sign > now - timedelta(seconds=alive_for + settings.lost_after_seconds)

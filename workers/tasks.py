@@ -7,11 +7,13 @@ reason; a transient error (database or Redis connection) is retried with backoff
 from __future__ import annotations
 
 import logging
+import random
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any
 
 import redis.exceptions
 import sqlalchemy.exc
@@ -20,9 +22,9 @@ from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.orm import Session
 
 from db import queries
-from db.models import GenerationRequest, Tier
+from db.models import Tier
 from db.session import session_scope
-from workers import stages
+from workers import flow, stages
 from workers.budget import BudgetKeeper, budget_keeper_from_settings
 from workers.celery_app import (
     TASK_GENERATE_CLOUD,
@@ -33,14 +35,13 @@ from workers.celery_app import (
     TASK_SWEEP,
     app,
 )
+from workers.flow import Step
 from workers.images import ImageStore
 from workers.models import generate
 from workers.runtime import RouterService, model_for, pipeline_for, quality_scorer
-from workers.settings import get_settings
+from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.OperationalError,
@@ -72,88 +73,156 @@ def _mark_failed(request_id: str, reason: str) -> None:
         with session_scope(get_settings().database_url) as session:
             queries.fail(session, request_id, reason)
     except TRANSIENT_ERRORS:
-        # The database is gone too: the request stays in its state and the sweeper
-        # finds it once the database is back.
+        # The database is gone too: the step stays open and the sweeper finds it.
         log.exception("could not mark request %s failed", request_id)
 
 
-def run_stage(task: Task, request_id: str, stage: str, work: Callable[[Session], T]) -> T | None:
-    """Count the attempt, run the stage in one transaction, and settle failures."""
+def transient_backoff(retries: int, settings: Settings) -> float | None:
+    """Seconds before retry ``retries + 1`` of a database or Redis outage, or None once the
+    retries have covered ``transient_retry_seconds``. Exponential, capped below the
+    visibility timeout (a held message must not be redelivered while it waits), and
+    jittered between half and all of the step so that workers do not return in lockstep;
+    the half that is certain is what must add up to the covered time."""
+    cap = min(30.0, settings.visibility_timeout / 3)
+    covered = sum(min(cap, 2.0**i) / 2 for i in range(retries))
+    if covered >= settings.transient_retry_seconds:
+        return None
+    step = min(cap, 2.0**retries)
+    return random.uniform(step / 2, step)
+
+
+def failure_backoff(failures: int) -> float:
+    """Seconds before another attempt at a step that raised."""
+    return float(min(60, 2**failures))
+
+
+def _send(steps: list[flow.Send]) -> None:
+    flow.send(app, steps)
+
+
+def run_step(task: Task, request_id: str, step: Step, work: Callable[[], list[Step]]) -> None:
+    """Run one delivery of a step. A delivery whose step is closed is a duplicate and does
+    nothing; only a failure (the stage raised, or a worker died holding the message) counts
+    as an attempt, and after ``max_attempts`` the step gives up (``stages.give_up``)."""
     settings = get_settings()
     try:
         uuid.UUID(request_id)
     except (ValueError, TypeError, AttributeError):
-        log.error("%s: dropping message with malformed request id %r", stage, request_id)
-        return None
+        log.error("%s: dropping message with malformed request id %r", step.key, request_id)
+        return
+    redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
     try:
         with session_scope(settings.database_url) as session:
-            stages.live_request(session, request_id)
-            attempts = queries.count_attempt(session, request_id)
-        if attempts > settings.max_attempts:
-            _mark_failed(
-                request_id,
-                f"{stage}: gave up after {attempts - 1} attempts without progress",
-            )
-            return None
-        with session_scope(settings.database_url) as session:
-            return work(session)
+            started = queries.start_step(session, request_id, step.key, redelivered=redelivered)
+            if started is not None and started.failures >= settings.max_attempts:
+                reason = f"{step.key}: a worker died holding it {started.failures} times"
+                _send(flow.sends_for(request_id, _give_up(session, request_id, step, reason)))
+                return
+        if started is None:
+            log.info("%s of %s: already done or given up; duplicate ignored", step.key, request_id)
+            return
+        _send(flow.sends_for(request_id, work()))
     except stages.RequestGone as gone:
-        log.info("%s: nothing to do for %s (%s)", stage, request_id, gone)
-        return None
+        log.info("%s: nothing to do for %s (%s)", step.key, request_id, gone)
+        _close(request_id, step)
     except TRANSIENT_ERRORS as exc:
-        if task.request.retries < settings.max_attempts:
-            raise task.retry(exc=exc, countdown=min(2**task.request.retries, 60)) from exc
-        _mark_failed(request_id, f"{stage}: {type(exc).__name__}: {exc}")
-        raise
+        delay = transient_backoff(task.request.retries, settings)
+        if delay is None:
+            # The step stays open: the sweeper re-sends it once the services are back.
+            raise
+        raise task.retry(exc=exc, countdown=delay, max_retries=None) from exc
     except Exception as exc:
-        _mark_failed(request_id, f"{stage}: {type(exc).__name__}: {exc}")
-        raise
+        _failed_attempt(task, request_id, step, exc, settings)
+
+
+def _close(request_id: str, step: Step) -> None:
+    with session_scope(get_settings().database_url) as session:
+        queries.finish_step(session, request_id, step.key)
+
+
+def _give_up(session: Session, request_id: str, step: Step, reason: str) -> list[Step]:
+    log.error("%s of %s gave up: %s", step.key, request_id, reason)
+    return stages.give_up(session, request_id, step, reason, budget_keeper())
+
+
+def _failed_attempt(
+    task: Task, request_id: str, step: Step, exc: Exception, settings: Settings
+) -> None:
+    error = f"{step.key}: {type(exc).__name__}: {exc}"
+    log.error("%s of %s failed", step.key, request_id, exc_info=exc)
+    with session_scope(settings.database_url) as session:
+        failures = queries.fail_attempt(session, request_id, step.key, error)
+        if step.kind == "generate" and step.tier is not None:
+            opened = queries.record_tier_failure(
+                session,
+                step.tier.value,
+                error,
+                threshold=settings.tier_failure_threshold,
+                cooldown_seconds=settings.tier_cooldown_seconds,
+            )
+            if opened:
+                log.error(
+                    "tier %s out of service for %.0fs after %d failures in a row: %s",
+                    step.tier.value,
+                    settings.tier_cooldown_seconds,
+                    settings.tier_failure_threshold,
+                    error,
+                )
+        if failures is None:
+            return
+        if failures >= settings.max_attempts:
+            reason = f"{error} (gave up after {failures} failed attempts)"
+            _send(flow.sends_for(request_id, _give_up(session, request_id, step, reason)))
+            return
+    raise task.retry(exc=exc, countdown=failure_backoff(failures), max_retries=None)
+
+
+def _in_transaction(work: Callable[[Session], list[Step]]) -> list[Step]:
+    with session_scope(get_settings().database_url) as session:
+        return work(session)
 
 
 @app.task(bind=True, name=TASK_ROUTE)
 def route(self: Task, request_id: str) -> None:
-    routed = run_stage(
+    run_step(
         self,
         request_id,
-        "route",
-        lambda s: stages.route_request(s, request_id, router_service(), budget_keeper()),
+        flow.ROUTE,
+        lambda: _in_transaction(
+            lambda s: stages.route_request(s, request_id, router_service(), budget_keeper())
+        ),
     )
-    if routed is not None:
-        for tier in routed.tiers:
-            GENERATE[tier].delay(request_id)
 
 
 def _generate(task: Task, request_id: str, tier: Tier) -> None:
     settings = get_settings()
 
-    def render(request: GenerationRequest) -> Any:
-        return generate(
-            pipeline_for(tier, settings),
-            request.prompt,
-            width=request.width,
-            height=request.height,
-            steps=request.steps,
-            seed=request.seed,
-            guidance_scale=request.guidance_scale,
-        )
+    def work() -> list[Step]:
+        with session_scope(settings.database_url) as session:
+            job = stages.generation_job(session, request_id, tier)
+        image = None
+        if job is not None:
+            # Rendered outside any transaction: a GPU call holds no database connection.
+            started = time.perf_counter()
+            picture = generate(
+                pipeline_for(tier, settings),
+                job.prompt,
+                width=job.width,
+                height=job.height,
+                steps=job.steps,
+                seed=job.seed,
+                guidance_scale=job.guidance_scale,
+            )
+            image = stages.NewImage(
+                model=model_for(tier, settings),
+                image_path=image_store().save(request_id, tier, picture),
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+                worker=task.request.hostname or socket.gethostname(),
+            )
+        with session_scope(settings.database_url) as session:
+            return stages.complete_generation(session, request_id, tier, image)
 
-    model_name = model_for(tier, settings)
-    generation = run_stage(
-        task,
-        request_id,
-        f"generate {tier.value}",
-        lambda s: stages.generate_image(
-            s,
-            request_id,
-            tier,
-            model_name=model_name,
-            render=render,
-            store=image_store(),
-            worker=task.request.hostname or socket.gethostname(),
-        ),
-    )
-    if generation is not None:
-        score.delay(request_id, tier.value)
+    run_step(task, request_id, flow.generate(tier), work)
 
 
 @app.task(bind=True, name=TASK_GENERATE_EDGE)
@@ -166,9 +235,6 @@ def generate_cloud(self: Task, request_id: str) -> None:
     _generate(self, request_id, Tier.CLOUD)
 
 
-GENERATE: dict[Tier, Task] = {Tier.EDGE: generate_edge, Tier.CLOUD: generate_cloud}
-
-
 @app.task(bind=True, name=TASK_SCORE)
 def score(self: Task, request_id: str, tier: str) -> None:
     try:
@@ -176,25 +242,33 @@ def score(self: Task, request_id: str, tier: str) -> None:
     except ValueError:
         log.error("score: dropping message with unknown tier %r", tier)
         return
-    run_stage(
+    run_step(
         self,
         request_id,
-        f"score {tier}",
-        lambda s: stages.score_image(
-            s, request_id, parsed, scorer=quality_scorer(get_settings()), store=image_store()
+        flow.score(parsed),
+        lambda: _in_transaction(
+            lambda s: stages.score_image(
+                s, request_id, parsed, scorer=quality_scorer(get_settings()), store=image_store()
+            )
         ),
     )
 
 
 @app.task(name=TASK_SWEEP)
 def sweep() -> int:
-    from workers.sweeper import sweep_stuck
+    """Re-send the steps whose messages are lost; returns how many were sent."""
+    from workers.sweeper import read_broker
+    from workers.sweeper import sweep as sweep_lost
 
     settings = get_settings()
     with session_scope(settings.database_url) as session:
-        resends = sweep_stuck(session, settings)
-    for resend in resends:
-        app.send_task(resend.task, args=list(resend.args))
+        resends, _ = sweep_lost(
+            session,
+            settings,
+            lambda: read_broker(app, settings.queues.values()),
+            budget_keeper(),
+        )
+    _send(resends)
     return len(resends)
 
 

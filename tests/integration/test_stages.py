@@ -1,25 +1,70 @@
-"""Stage functions on the real Postgres and Redis: a redelivered task changes nothing."""
+"""Step functions on the real Postgres and Redis: a redelivered task changes nothing, a
+failed exploration tier never fails the answer, and a failing answer tier is replaced."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import redis
 from PIL import Image
 
 from db import queries
-from db.models import Status, Tier
+from db.models import GenerationRequest, Status, StepStatus, Tier
 from db.session import session_scope
-from workers import stages
-from workers.budget import budget_keeper_from_settings
+from workers import flow, stages
+from workers.budget import (
+    BudgetKeeper,
+    BudgetLimits,
+    LocalBudgetKeeper,
+    budget_keeper_from_settings,
+)
+from workers.flow import Step
 from workers.images import ImageStore
 from workers.producer import submit
-from workers.runtime import RouterService
+from workers.runtime import RouterService, quality_scorer
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
 
 
-def test_routing_twice_records_one_decision_and_spends_once(
+def _keeper(settings: Settings, **limits: float) -> BudgetKeeper:
+    return LocalBudgetKeeper(BudgetLimits.from_settings(settings.model_copy(update=limits)))
+
+
+def _route(
+    url: str, request_id: str, settings: Settings, budget: BudgetKeeper | None = None
+) -> list[Step]:
+    budget = budget or budget_keeper_from_settings(settings)
+    with session_scope(url) as session:
+        assert queries.start_step(session, request_id, "route", redelivered=False)
+    with session_scope(url) as session:
+        return stages.route_request(session, request_id, RouterService(settings), budget)
+
+
+def _render(request: GenerationRequest) -> Image.Image:
+    return Image.new("RGB", (request.width, request.height), "blue")
+
+
+def _generate(url: str, request_id: str, tier: Tier, store: ImageStore) -> list[Step]:
+    with session_scope(url) as session:
+        job = stages.generation_job(session, request_id, tier)
+    image = None
+    if job is not None:
+        path = store.save(request_id, tier, _render(job))
+        image = stages.NewImage(model="m", image_path=path, latency_ms=1.0, worker="w")
+    with session_scope(url) as session:
+        return stages.complete_generation(session, request_id, tier, image)
+
+
+def _status(url: str, request_id: str) -> Status:
+    with session_scope(url) as session:
+        request = queries.get_request(session, request_id)
+        assert request is not None
+        return request.status
+
+
+def test_routing_twice_records_one_decision_spends_once_and_sends_nothing_twice(
     clean_db: str, clean_redis: redis.Redis, settings: Settings
 ) -> None:
     budget = budget_keeper_from_settings(settings)
@@ -31,40 +76,62 @@ def test_routing_twice_records_one_decision_and_spends_once(
         again = stages.route_request(session, request_id, router, budget)
         request = queries.get_request(session, request_id)
         assert request is not None and request.status is Status.ROUTED
-    assert again == first
+        decision = queries.get_decision(session, request_id)
+        assert decision is not None
+    assert [s.tier for s in first] == list(queries.wanted_tiers(decision))
+    assert again == []
     assert budget.stats()["requests"] == 1
 
 
-def test_generation_is_stored_once_per_tier(
-    clean_db: str,
-    clean_redis: redis.Redis,
-    settings: Settings,
+def test_a_duplicate_of_a_finished_step_is_not_an_attempt(
+    clean_db: str, clean_redis: redis.Redis, settings: Settings
 ) -> None:
-    budget = budget_keeper_from_settings(settings)
     request_id = submit("a teapot", seed=2).request_id
-    with session_scope(clean_db) as session:
-        routed = stages.route_request(session, request_id, RouterService(settings), budget)
-    tier = routed.tiers[0]
-    calls = []
-
-    def render(request: object) -> Image.Image:
-        calls.append(request)
-        return Image.new("RGB", (64, 64), "blue")
-
-    store = ImageStore(settings.image_store)
-    for _ in range(2):
+    _route(clean_db, request_id, settings)
+    for _ in range(settings.max_attempts + 2):
         with session_scope(clean_db) as session:
-            generation = stages.generate_image(
-                session, request_id, tier, model_name="m", render=render, store=store, worker="w"
-            )
-    assert len(calls) == 1
-    assert store.resolve(generation.image_path).exists()
-    other = Tier.CLOUD if tier is Tier.EDGE else Tier.EDGE
-    if other not in routed.tiers:
-        with session_scope(clean_db) as session, pytest.raises(stages.RequestGone):
-            stages.generate_image(
-                session, request_id, other, model_name="m", render=render, store=store, worker="w"
-            )
+            assert queries.start_step(session, request_id, "route", redelivered=False) is None
+    with session_scope(clean_db) as session:
+        (route,) = [s for s in queries.steps_of(session, request_id) if s.step == "route"]
+        assert route.status is StepStatus.DONE and route.failures == 0
+    assert _status(clean_db, request_id) is Status.ROUTED
+
+
+def test_a_redelivery_of_a_step_a_worker_held_counts_one_failure(
+    clean_db: str, clean_redis: redis.Redis
+) -> None:
+    request_id = submit("a lamp", seed=3).request_id
+    with session_scope(clean_db) as session:
+        first = queries.start_step(session, request_id, "route", redelivered=False)
+        # A copy that is not a redelivery (a duplicate message) is no failure ...
+        copy = queries.start_step(session, request_id, "route", redelivered=False)
+        # ... but the broker's redelivery of a message a worker held while it died is.
+        again = queries.start_step(session, request_id, "route", redelivered=True)
+    assert first is not None and first.failures == 0
+    assert copy is not None and copy.failures == 0
+    assert again is not None and again.failures == 1
+
+
+def test_generation_is_stored_once_per_tier(
+    clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    request_id = submit("a teapot", seed=2).request_id
+    (step, *_) = _route(clean_db, request_id, settings)
+    assert step.tier is not None
+    store = ImageStore(settings.image_store)
+    assert _generate(clean_db, request_id, step.tier, store) == [flow.score(step.tier)]
+    # A redelivery finds the image, renders nothing and sends no second score.
+    with session_scope(clean_db) as session:
+        assert stages.generation_job(session, request_id, step.tier) is None
+    assert _generate(clean_db, request_id, step.tier, store) == []
+    with session_scope(clean_db) as session:
+        assert len(queries.generations_of(session, request_id)) == 1
+        decision = queries.get_decision(session, request_id)
+        assert decision is not None
+        other = Tier.CLOUD if step.tier is Tier.EDGE else Tier.EDGE
+        if other not in queries.wanted_tiers(decision):
+            with pytest.raises(stages.RequestGone):
+                stages.generation_job(session, request_id, other)
 
 
 def test_a_final_request_is_gone_for_every_stage(
@@ -73,7 +140,65 @@ def test_a_final_request_is_gone_for_every_stage(
     request_id = submit("a lamp", seed=3).request_id
     with session_scope(clean_db) as session:
         assert queries.fail(session, request_id, "cancelled by test")
+        assert {s.status for s in queries.steps_of(session, request_id)} == {StepStatus.ABANDONED}
     with session_scope(clean_db) as session, pytest.raises(stages.RequestGone):
         stages.route_request(
             session, request_id, RouterService(settings), budget_keeper_from_settings(settings)
         )
+
+
+def test_a_failed_exploration_tier_never_fails_the_answer(
+    tiny_models: dict[str, Path], clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    request_id = submit("two cats on a sofa", seed=4).request_id
+    steps = _route(
+        clean_db, request_id, settings, _keeper(settings, exploration_rate=1.0, cloud_ratio=1.0)
+    )
+    with session_scope(clean_db) as session:
+        decision = queries.get_decision(session, request_id)
+        assert decision is not None and decision.explore
+        answer, explored = decision.tier, Tier.CLOUD if decision.tier is Tier.EDGE else Tier.EDGE
+    assert {s.tier for s in steps} == {Tier.EDGE, Tier.CLOUD}
+    budget = budget_keeper_from_settings(settings)
+    with session_scope(clean_db) as session:
+        assert stages.give_up(session, request_id, flow.generate(explored), "broken", budget) == []
+        assert queries.step_status(session, request_id, f"generate:{explored.value}") is (
+            StepStatus.ABANDONED
+        )
+    assert _status(clean_db, request_id) is Status.ROUTED
+    store = ImageStore(settings.image_store)
+    _generate(clean_db, request_id, answer, store)
+    scorer = quality_scorer(settings)
+    with session_scope(clean_db) as session:
+        stages.score_image(session, request_id, answer, scorer=scorer, store=store)
+    assert _status(clean_db, request_id) is Status.DONE
+    with session_scope(clean_db) as session:
+        assert not queries.training_pairs(session, scorer.metrics_version)
+
+
+def test_a_failing_answer_tier_is_replaced_by_one_that_works(
+    tiny_models: dict[str, Path], clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    request_id = submit("a castle on a hill", seed=5).request_id
+    budget = _keeper(settings, exploration_rate=0.0, cloud_ratio=1.0)
+    (step,) = _route(clean_db, request_id, settings, budget)
+    assert step.tier is not None
+    with session_scope(clean_db) as session:
+        queries.start_step(session, request_id, step.key, redelivered=False)
+        (fallback,) = stages.give_up(session, request_id, step, "weights are broken", budget)
+    other = Tier.CLOUD if step.tier is Tier.EDGE else Tier.EDGE
+    assert fallback == flow.generate(other)
+    with session_scope(clean_db) as session:
+        decision = queries.get_decision(session, request_id)
+        assert decision is not None
+        assert (decision.tier, decision.rerouted_from) == (other, step.tier)
+        assert decision.reroute_reason == "weights are broken"
+        assert queries.step_status(session, request_id, step.key) is StepStatus.FAILED
+    store = ImageStore(settings.image_store)
+    assert _generate(clean_db, request_id, other, store) == [flow.score(other)]
+    with session_scope(clean_db) as session:
+        stages.score_image(session, request_id, other, scorer=quality_scorer(settings), store=store)
+    assert _status(clean_db, request_id) is Status.DONE
+    # Its replacement failing too leaves no tier: the request fails with the reason.
+    with session_scope(clean_db) as session:
+        assert stages.give_up(session, request_id, flow.score(other), "scorer broke", budget) == []

@@ -1,108 +1,136 @@
-"""The sweeper on the real Postgres: what it resends, and when it gives up."""
+"""The sweeper on the real Postgres and Redis broker: a waiting message is never copied,
+a lost one is re-sent, and one lost too often gives up with the reason."""
 
 from __future__ import annotations
 
-import uuid
+import json
 
 import pytest
+import redis
 from sqlalchemy import text
 
 from db import queries
-from db.models import Generation, GenerationRequest, RoutingDecision, Status, Tier
+from db.models import Status, StepStatus
 from db.session import session_scope
-from workers.celery_app import TASK_GENERATE_CLOUD, TASK_GENERATE_EDGE, TASK_ROUTE, TASK_SCORE
+from workers import flow
+from workers.budget import budget_keeper_from_settings
+from workers.celery_app import app
+from workers.flow import Send
+from workers.producer import submit
 from workers.settings import Settings
-from workers.sweeper import Resend, sweep_stuck
+from workers.sweeper import BrokerView, read_broker, sweep
 
 pytestmark = pytest.mark.integration
 
 
-def _request(url: str, *, age_seconds: int, status: Status = Status.QUEUED) -> str:
-    request_id = str(uuid.uuid4())
-    with session_scope(url) as session:
-        session.add(
-            GenerationRequest(
-                id=request_id, prompt="a boat", width=64, height=64, steps=1, seed=0, status=status
-            )
-        )
-    _age(url, request_id, age_seconds)
-    return request_id
-
-
 def _age(url: str, request_id: str, seconds: int) -> None:
+    """Make every step of a request look sent ``seconds`` ago, with no sign of life since."""
     with session_scope(url) as session:
         session.execute(
             text(
-                "UPDATE generation_requests SET updated_at = now() - make_interval(secs => :s)"
-                " WHERE id = :id"
+                "UPDATE dispatches SET dispatched_at = now() - make_interval(secs => :s),"
+                " seen_at = NULL, started_at = NULL WHERE request_id = :id"
             ),
             {"s": seconds, "id": request_id},
         )
 
 
-def _decide(url: str, request_id: str, *, explore: bool) -> None:
+def _sweep(url: str, settings: Settings) -> list[Send]:
     with session_scope(url) as session:
-        session.add(
-            RoutingDecision(
-                request_id=request_id,
-                router_version="test",
-                predicted_prs=0.4,
-                alpha=0.5,
-                wants_cloud=True,
-                tier=Tier.CLOUD,
-                explore=explore,
-                budget_reason="test",
-            )
+        resends, _ = sweep(
+            session,
+            settings,
+            lambda: read_broker(app, settings.queues.values()),
+            budget_keeper_from_settings(settings),
         )
+    return resends
 
 
-def test_fresh_requests_are_left_alone(clean_db: str, settings: Settings) -> None:
-    _request(clean_db, age_seconds=1)
-    with session_scope(clean_db) as session:
-        assert sweep_stuck(session, settings) == []
+def _queued(client: redis.Redis, settings: Settings) -> list[str]:
+    return [json.loads(raw)["headers"]["id"] for raw in client.lrange(settings.queue_route, 0, -1)]
 
 
-def test_stuck_requests_resume_where_they_stand(clean_db: str, settings: Settings) -> None:
-    old = settings.stuck_after_seconds + 60
-    unrouted = _request(clean_db, age_seconds=old)
-    explored = _request(clean_db, age_seconds=old, status=Status.ROUTED)
-    _decide(clean_db, explored, explore=True)
-    with session_scope(clean_db) as session:
-        session.add(
-            Generation(
-                request_id=explored,
-                tier=Tier.EDGE,
-                model="tiny",
-                image_path=f"{explored}/edge.png",
-                latency_ms=1.0,
-            )
-        )
-    with session_scope(clean_db) as session:
-        resends = set(sweep_stuck(session, settings))
-    assert resends == {
-        Resend(TASK_ROUTE, (unrouted,)),
-        Resend(TASK_SCORE, (explored, "edge")),
-        Resend(TASK_GENERATE_CLOUD, (explored,)),
-    }
-    assert TASK_GENERATE_EDGE not in {r.task for r in resends}
-
-
-def test_a_request_without_progress_fails_with_the_reason(
-    clean_db: str, settings: Settings
+def test_fresh_steps_are_left_alone(
+    clean_db: str, clean_redis: redis.Redis, settings: Settings
 ) -> None:
-    old = settings.stuck_after_seconds + 60
-    request_id = _request(clean_db, age_seconds=old)
-    for _ in range(settings.max_attempts):
-        with session_scope(clean_db) as session:
-            assert sweep_stuck(session, settings) == [Resend(TASK_ROUTE, (request_id,))]
-        # A resend starts the timeout again; it expires once more without progress.
-        with session_scope(clean_db) as session:
-            assert sweep_stuck(session, settings) == []
-        _age(clean_db, request_id, old)
+    submit("a boat", seed=0)
+    clean_redis.flushdb()  # even a lost message is not lost before lost_after_seconds
+    assert _sweep(clean_db, settings) == []
+
+
+def test_a_message_waiting_in_the_queue_is_never_copied(
+    clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    request_id = submit("a boat", seed=0).request_id
+    for _ in range(3):
+        _age(clean_db, request_id, 10 * settings.lost_after_seconds)
+        assert _sweep(clean_db, settings) == []
+    assert _queued(clean_redis, settings) == [flow.task_id(flow.ROUTE, request_id, 1)]
     with session_scope(clean_db) as session:
-        assert sweep_stuck(session, settings) == []
+        (route,) = queries.steps_of(session, request_id)
+        assert route.seen_at is not None and route.sends == 1
+
+
+def test_a_message_held_unacknowledged_by_a_worker_is_waiting(
+    clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    request_id = submit("a boat", seed=0).request_id
+    # What kombu does when it delivers a message with acks late: the queue's copy moves to
+    # the ``unacked`` hash as [payload, exchange, routing key] until the ack.
+    (raw,) = clean_redis.lrange(settings.queue_route, 0, -1)
+    clean_redis.delete(settings.queue_route)
+    clean_redis.hset("unacked", "tag-1", json.dumps([json.loads(raw), "", settings.queue_route]))
+    _age(clean_db, request_id, 10 * settings.lost_after_seconds)
+    assert _sweep(clean_db, settings) == []
+
+
+def test_a_lost_message_is_re_sent_once(
+    clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    request_id = submit("a boat", seed=0).request_id
+    clean_redis.flushdb()  # a broker restart without persistence
+    _age(clean_db, request_id, settings.lost_after_seconds + 1)
+    assert _sweep(clean_db, settings) == [Send(request_id, flow.ROUTE, 2)]
+    # The re-sent step is fresh again: the next sweep adds nothing.
+    assert _sweep(clean_db, settings) == []
+
+
+def test_a_step_lost_too_often_fails_its_request_with_the_reason(
+    clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    request_id = submit("a boat", seed=0).request_id
+    for number in range(2, settings.max_resends + 1):
+        clean_redis.flushdb()
+        _age(clean_db, request_id, settings.lost_after_seconds + 1)
+        assert _sweep(clean_db, settings) == [Send(request_id, flow.ROUTE, number)]
+    clean_redis.flushdb()
+    _age(clean_db, request_id, settings.lost_after_seconds + 1)
+    assert _sweep(clean_db, settings) == []
+    with session_scope(clean_db) as session:
         request = queries.get_request(session, request_id)
-        assert request is not None
-        assert request.status is Status.FAILED
-        assert request.failure_reason is not None
-        assert "stuck" in request.failure_reason
+        assert request is not None and request.status is Status.FAILED
+        assert request.failure_reason == f"route: its message was lost {settings.max_resends} times"
+        assert queries.step_status(session, request_id, "route") is StepStatus.ABANDONED
+
+
+def test_without_a_record_of_delivered_messages_a_running_step_lives_its_time_limit(
+    clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    """The demo's file-system broker forgets a message once a worker takes it."""
+    request_id = submit("a boat", seed=0).request_id
+    with session_scope(clean_db) as session:
+        queries.start_step(session, request_id, "route", redelivered=False)
+    _age(clean_db, request_id, settings.lost_after_seconds + 1)
+    with session_scope(clean_db) as session:
+        session.execute(
+            text("UPDATE dispatches SET started_at = now() - make_interval(secs => :s)"),
+            {"s": settings.lost_after_seconds + 1},
+        )
+    forgetful = BrokerView(frozenset(), tracks_delivered=False)
+    budget = budget_keeper_from_settings(settings)
+    with session_scope(clean_db) as session:
+        assert sweep(session, settings, lambda: forgetful, budget) == ([], [])
+    _age(clean_db, request_id, settings.task_time_limit + settings.lost_after_seconds + 1)
+    with session_scope(clean_db) as session:
+        resends, _ = sweep(session, settings, lambda: forgetful, budget)
+    assert resends == [Send(request_id, flow.ROUTE, 2)]
