@@ -137,7 +137,9 @@ def submit(
             idempotency_key=idempotency_key,
         )
     except InvalidRequest as exc:
-        console.print(f"[red]{exc}[/red]")
+        # Plain text on stderr, neither markup nor wrapping: the message is the producer's,
+        # the same the Python client raises and the HTTP API answers.
+        typer.secho(str(exc), err=True, fg="red")
         raise typer.Exit(2) from None
     typer.echo(result.request_id)
     if not result.created:

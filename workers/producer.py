@@ -10,6 +10,7 @@ import logging
 import secrets
 import unicodedata
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,15 +20,57 @@ from sqlalchemy import select
 from db import queries
 from db.models import GenerationRequest, Status
 from db.session import session_scope
+from workers.flow import ROUTE, task_id
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**31 - 1
+MAX_GUIDANCE_SCALE = 50.0
+MAX_KEY_CHARS = 200
+
+# Code points that show nothing yet are not format characters (Cf): the fillers and selectors
+# of Unicode's Default_Ignorable_Code_Point property (DerivedCoreProperties.txt).
+_INVISIBLE_NON_FORMAT = frozenset(
+    chr(code)
+    for first, last in (
+        (0x034F, 0x034F),
+        (0x115F, 0x1160),
+        (0x17B4, 0x17B5),
+        (0x180B, 0x180F),
+        (0x3164, 0x3164),
+        (0xFE00, 0xFE0F),
+        (0xFFA0, 0xFFA0),
+        (0xE0100, 0xE01EF),
+    )
+    for code in range(first, last + 1)
+)
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    """One reason a request is refused: the field it concerns and what is wrong with it."""
+
+    field: str
+    message: str
+
+
+def refusal_message(problems: Sequence[FieldProblem]) -> str:
+    """The one wording of a refusal, whether the request came from Python, the CLI or HTTP."""
+    return "invalid request: " + "; ".join(f"{p.field}: {p.message}" for p in problems)
 
 
 class InvalidRequest(ValueError):
-    """The request was refused before anything was written or enqueued."""
+    """The request was refused before anything was written or enqueued. ``problems`` names
+    the offending fields when validation refused it (empty for a refusal of another kind)."""
+
+    def __init__(self, message: str, problems: Sequence[FieldProblem] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)
+
+    @classmethod
+    def from_problems(cls, problems: Sequence[FieldProblem]) -> InvalidRequest:
+        return cls(refusal_message(problems), problems)
 
 
 def _settings(info: ValidationInfo) -> Settings:
@@ -38,8 +81,40 @@ def _settings(info: ValidationInfo) -> Settings:
     return settings
 
 
+def _is_utf8(text: str) -> bool:
+    """False for text with lone surrogates: what undecodable bytes become in Python (PEP 383,
+    as for a command-line argument or the HTTP body) and what no database or encoder takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _strippable(char: str) -> bool:
+    # Format characters at either end (a BOM, a stray zero-width space) carry nothing and
+    # would make two equal prompts differ; inside a prompt they may join an emoji sequence.
+    return char.isspace() or unicodedata.category(char) == "Cf"
+
+
+def _strip(text: str) -> str:
+    start, end = 0, len(text)
+    while start < end and _strippable(text[start]):
+        start += 1
+    while end > start and _strippable(text[end - 1]):
+        end -= 1
+    return text[start:end]
+
+
+def _blank(char: str) -> bool:
+    return _strippable(char) or char in _INVISIBLE_NON_FORMAT
+
+
 class RequestSpec(BaseModel):
-    """A request as a client states it; limits come from the settings (validation context)."""
+    """A request as a client states it; limits come from the settings (validation context).
+
+    Strict: a string is no number and a boolean neither an integer nor a number, whichever
+    way the request came in (Python, the command line or a JSON body)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -48,19 +123,19 @@ class RequestSpec(BaseModel):
     height: int | None = None
     steps: int | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    guidance_scale: float | None = Field(default=None, ge=0.0, le=50.0)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    guidance_scale: float | None = Field(
+        default=None, ge=0.0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False
+    )
+    idempotency_key: str | None = None
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, prompt: str, info: ValidationInfo) -> str:
         settings = _settings(info)
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("prompt is not valid UTF-8 text") from None
-        prompt = prompt.strip()
-        if not prompt:
+        if not _is_utf8(prompt):
+            raise ValueError("prompt is not valid UTF-8 text")
+        prompt = _strip(prompt)
+        if all(_blank(c) for c in prompt):
             raise ValueError("prompt is empty")
         if len(prompt) > settings.max_prompt_chars:
             raise ValueError(
@@ -93,20 +168,49 @@ class RequestSpec(BaseModel):
     @field_validator("idempotency_key")
     @classmethod
     def _key(cls, key: str | None) -> str | None:
-        if key is not None and not key.isprintable():
+        if key is None:
+            return None
+        # The length is checked here rather than as a field constraint, which would refuse
+        # undecodable text with pydantic's own words before this validator could name it.
+        if not _is_utf8(key):
+            raise ValueError("must be valid UTF-8 text")
+        if not 1 <= len(key) <= MAX_KEY_CHARS:
+            raise ValueError(f"must have 1 to {MAX_KEY_CHARS} characters")
+        # isprintable() refuses control and format characters, line and paragraph separators
+        # and every space but U+0020; letters of any script pass, and the key is kept exactly
+        # as given (no normalisation), so "clé-1" is stored as "clé-1".
+        if not key.isprintable():
             raise ValueError("must be printable text")
+        if key != key.strip():
+            raise ValueError("must not begin or end with a space")
         return key
 
 
-def parse_request(settings: Settings, **fields: Any) -> RequestSpec:
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    # An unknown field's name is the client's text: quoted unless it reads as a plain name,
+    # so that a refusal never carries control characters into a terminal or a log.
+    name = ".".join(str(part) for part in loc)
+    return name if name.isidentifier() else ascii(name)
+
+
+def _problems(error: ValidationError) -> list[FieldProblem]:
+    return [
+        FieldProblem(
+            _field_name(detail["loc"]) if detail["loc"] else "request",
+            # A validator's own reason reads better without pydantic's "Value error, " prefix.
+            str(detail["ctx"]["error"]) if detail["type"] == "value_error" else detail["msg"],
+        )
+        for detail in error.errors()
+    ]
+
+
+def parse_request(settings: Settings, /, **fields: Any) -> RequestSpec:
+    """The fields validated against the settings' limits, or InvalidRequest naming each
+    offending field. ``settings`` is positional-only, so that no field can take its place."""
     try:
         return RequestSpec.model_validate(fields, context={"settings": settings})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise InvalidRequest(f"invalid request: {problems}") from None
+        raise InvalidRequest.from_problems(_problems(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -158,8 +262,12 @@ def submit(prompt: str, *, settings: Settings | None = None, **options: Any) -> 
         else:
             row = GenerationRequest(**values, id=_new_request_id(), status=Status.QUEUED)
             session.add(row)
+            session.flush()
             created = True
             request_id = row.id
+        if created:
+            # Recorded with the request: if the send below fails, the sweeper sends it.
+            queries.record_steps(session, request_id, [ROUTE.key])
     enqueued = created and _enqueue(request_id)
     return Submitted(request_id=request_id, created=created, enqueued=enqueued)
 
@@ -180,10 +288,12 @@ def _check_same(row: GenerationRequest, spec: RequestSpec) -> None:
 
 
 def _enqueue(request_id: str) -> bool:
-    from workers.celery_app import TASK_ROUTE, app
+    from workers.celery_app import app
 
     try:
-        app.send_task(TASK_ROUTE, args=[request_id])
+        app.send_task(
+            ROUTE.task_name, args=ROUTE.args(request_id), task_id=task_id(ROUTE, request_id, 1)
+        )
     except Exception:
         log.warning(
             "broker unavailable; request %s stays queued for the sweeper", request_id, exc_info=True
@@ -206,7 +316,6 @@ def describe(request_id: str, *, settings: Settings | None = None) -> dict[str, 
             "id": request.id,
             "status": request.status.value,
             "failure_reason": request.failure_reason,
-            "attempts": request.attempts,
             "created_at": request.created_at.isoformat(),
             "updated_at": request.updated_at.isoformat(),
             "decision": None
@@ -219,7 +328,21 @@ def describe(request_id: str, *, settings: Settings | None = None) -> dict[str, 
                 "wants_cloud": decision.wants_cloud,
                 "router_version": decision.router_version,
                 "budget_reason": decision.budget_reason,
+                "rerouted_from": None
+                if decision.rerouted_from is None
+                else decision.rerouted_from.value,
+                "reroute_reason": decision.reroute_reason,
             },
+            "steps": [
+                {
+                    "step": step.step,
+                    "status": step.status.value,
+                    "sends": step.sends,
+                    "failures": step.failures,
+                    "last_error": step.last_error,
+                }
+                for step in queries.steps_of(session, request_id)
+            ],
             "images": {g.tier.value: g.image_path for g in generations},
             "quality": {tier.value: score for tier, score in quality.items()},
         }

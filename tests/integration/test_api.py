@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
-from workers.api import app
+from db.models import GenerationRequest
+from db.session import session_scope
+from workers.api import app, max_body_bytes
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -43,24 +46,61 @@ def test_idempotency_key_header_gives_the_same_request_once(
 
 
 @pytest.mark.parametrize(
-    ("body", "message"),
+    ("body", "fields", "message"),
     [
-        ({"prompt": "   "}, "prompt is empty"),
-        ({"prompt": "a cat", "width": 30}, "multiple of 8"),
-        ({"prompt": "a cat", "steps": 0}, "between 1 and"),
+        ({"prompt": "   "}, ["prompt"], "prompt is empty"),
+        ({"prompt": "a cat", "width": 30}, ["width"], "multiple of 8"),
+        ({"prompt": "a cat", "steps": 0}, ["steps"], "between 1 and"),
+        ({"prompt": "", "seed": "7", "tier": "cloud"}, ["prompt", "seed", "tier"], "valid integer"),
     ],
 )
-def test_bad_input_is_a_422_with_the_reason_and_nothing_enqueued(
+def test_bad_input_is_a_422_problem_naming_the_fields_and_nothing_enqueued(
     client: TestClient,
     clean_db: str,
     clean_redis: redis.Redis,
     settings: Settings,
     body: dict[str, object],
+    fields: list[str],
     message: str,
 ) -> None:
     reply = client.post("/v1/requests", json=body)
     assert reply.status_code == 422
-    assert message in reply.json()["detail"]
+    assert reply.headers["content-type"] == "application/problem+json"
+    problem = reply.json()
+    assert problem["type"] == "urn:t2iroute:problem:invalid-request"
+    assert problem["status"] == 422 and problem["title"]
+    assert message in problem["detail"]
+    assert [error["field"] for error in problem["errors"]] == fields
+    assert clean_redis.llen(settings.queue_route) == 0
+
+
+def test_a_key_in_the_body_is_refused_rather_than_ignored(
+    client: TestClient, clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    body = {"prompt": "a lighthouse", "idempotency_key": "order-18"}
+    replies = [client.post("/v1/requests", json=body) for _ in range(2)]
+    assert [reply.status_code for reply in replies] == [422, 422]
+    assert "Idempotency-Key header" in replies[0].json()["detail"]
+    assert clean_redis.llen(settings.queue_route) == 0
+
+
+def test_a_non_ascii_idempotency_key_is_stored_as_sent(
+    client: TestClient, clean_db: str, clean_redis: redis.Redis
+) -> None:
+    headers = {b"Idempotency-Key": "clé-1".encode()}
+    first = client.post("/v1/requests", json={"prompt": "a lighthouse"}, headers=headers).json()
+    second = client.post("/v1/requests", json={"prompt": "a lighthouse"}, headers=headers).json()
+    assert first["id"] == second["id"]
+    with session_scope(clean_db) as session:
+        assert session.scalars(select(GenerationRequest.idempotency_key)).all() == ["clé-1"]
+
+
+def test_an_oversized_body_is_a_413_problem(
+    client: TestClient, clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    reply = client.post("/v1/requests", json={"prompt": "x" * max_body_bytes(settings)})
+    assert reply.status_code == 413
+    assert reply.json()["type"] == "urn:t2iroute:problem:body-too-large"
     assert clean_redis.llen(settings.queue_route) == 0
 
 
