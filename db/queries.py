@@ -304,6 +304,11 @@ def record_tier_success(session: Session, tier: str) -> None:
     )
 
 
+def tier_failure_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(select(TierHealth.tier, TierHealth.consecutive_failures))
+    return {tier: int(count) for tier, count in rows}
+
+
 def unavailable_tiers(session: Session) -> dict[str, str]:
     """Tiers whose breaker is open now, with their last error."""
     rows = session.execute(

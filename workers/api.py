@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import collections
 import json
+from collections.abc import Iterator
 from email.message import Message
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
+from db import queries
 from db.session import session_scope
 from workers.producer import (
     FieldProblem,
@@ -32,6 +37,36 @@ from workers.settings import Settings, get_settings
 
 ACCEPTED = Counter("t2iroute_requests_accepted_total", "Requests accepted", ["created"])
 REFUSED = Counter("t2iroute_requests_refused_total", "Requests refused at validation")
+
+
+class TierHealthCollector(Collector):
+    """Each tier's run of failed generations and whether its breaker has it out of routing,
+    read from the database at scrape time (every worker writes it; any API reports it)."""
+
+    def collect(self) -> Iterator[Metric]:
+        failures = GaugeMetricFamily(
+            "t2iroute_tier_consecutive_failures",
+            "Generations failed in a row on the tier",
+            labels=["tier"],
+        )
+        out = GaugeMetricFamily(
+            "t2iroute_tier_out_of_service",
+            "1 while the tier's circuit breaker keeps it out of routing",
+            labels=["tier"],
+        )
+        try:
+            with session_scope(get_settings().database_url) as session:
+                down = queries.unavailable_tiers(session)
+                for tier, count in queries.tier_failure_counts(session).items():
+                    failures.add_metric([tier], count)
+                    out.add_metric([tier], 1.0 if tier in down else 0.0)
+        except SQLAlchemyError:
+            return  # a scrape during a database outage reports the counters alone
+        yield failures
+        yield out
+
+
+REGISTRY.register(TierHealthCollector())
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_TYPE = "urn:t2iroute:problem:"

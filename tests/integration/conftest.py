@@ -15,7 +15,7 @@ from workers.settings import Settings, get_settings
 
 TABLES = (
     "quality_scores, training_pairs, generations, routing_decisions, router_versions, "
-    "generation_requests"
+    "dispatches, tier_health, generation_requests"
 )
 
 

@@ -7,6 +7,7 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from db import queries
 from db.models import GenerationRequest
 from db.session import session_scope
 from workers.api import app, max_body_bytes
@@ -114,3 +115,18 @@ def test_health_and_metrics(client: TestClient, clean_db: str, clean_redis: redi
     assert client.get("/healthz").json() == {"status": "ok"}
     metrics = client.get("/metrics").text
     assert "t2iroute_requests_refused_total" in metrics
+
+
+def test_metrics_report_a_tier_out_of_service(client: TestClient, clean_db: str) -> None:
+    with session_scope(clean_db) as session:
+        for _ in range(2):
+            queries.record_tier_failure(
+                session, "cloud", "generate:cloud: OSError", threshold=2, cooldown_seconds=60
+            )
+        queries.record_tier_failure(
+            session, "edge", "generate:edge: OSError", threshold=2, cooldown_seconds=60
+        )
+    text = client.get("/metrics").text
+    assert 't2iroute_tier_out_of_service{tier="cloud"} 1.0' in text
+    assert 't2iroute_tier_out_of_service{tier="edge"} 0.0' in text
+    assert 't2iroute_tier_consecutive_failures{tier="cloud"} 2.0' in text
