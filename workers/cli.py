@@ -223,7 +223,7 @@ def make_tiny(
 ) -> None:
     """Build tiny edge, cloud and CLIP models from configs, offline, into DIRECTORY."""
     _quiet_model_libraries()
-    from workers.models import make_tiny as build
+    from workers.tiny_models import make_tiny as build
 
     for name, path in build(directory, seed=seed).items():
         console.print(f"{name}: {path}")
@@ -248,8 +248,8 @@ def make_pairs(
     """Generate every prompt on both tiers, score both images on every metric, write a table."""
     from routing.quality import ContrastiveQualityScorer
     from workers.demo import demo_prompts
-    from workers.models import load_clip, load_pipeline
     from workers.pairs import make_pair_table, write_metric_table
+    from workers.pipelines import load_clip, load_pipeline
 
     settings = get_settings()
     texts = demo_prompts(prompts)

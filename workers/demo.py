@@ -147,8 +147,8 @@ def run_demo(
     embedded: bool | None = None,
     timeout: float = 300.0,
 ) -> DemoSummary:
-    from workers.models import make_tiny
     from workers.producer import submit
+    from workers.tiny_models import make_tiny
 
     started = time.monotonic()
     if embedded is None:

@@ -17,7 +17,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from routing.quality import ContrastiveQualityScorer
 from routing.types import PairTable
-from workers.models import generate
+from workers.pipelines import generate
 
 # Prompts generated (on both tiers) before their images are scored and dropped: bounds the
 # images held in memory, while CLIP still sees batches.

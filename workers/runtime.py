@@ -1,5 +1,6 @@
-"""What a worker process loads once and keeps: diffusers pipelines per tier, the CLIP
-quality scorer, and the active router (reloaded when a new version is promoted)."""
+"""Every per-process singleton lives here: what a worker process loads once and keeps (the
+diffusers pipelines per tier, the CLIP quality scorer, the active router, reloaded when a new
+version is promoted) and its clients (the budget keeper, the image store)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from routing.calibrate import calibrate_alpha
 from routing.quality import ContrastiveQualityScorer
 from routing.registry import build_router, load_router
 from routing.types import Router
-from workers.models import load_clip, load_pipeline
-from workers.settings import Settings
+from workers.budget import BudgetKeeper, budget_keeper_from_settings
+from workers.images import ImageStore
+from workers.pipelines import load_clip, load_pipeline
+from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +120,18 @@ class RouterService:
             )
             self._alpha_at = time.monotonic()
         return self._alpha
+
+
+@lru_cache(maxsize=1)
+def router_service() -> RouterService:
+    return RouterService(get_settings())
+
+
+@lru_cache(maxsize=1)
+def budget_keeper() -> BudgetKeeper:
+    return budget_keeper_from_settings(get_settings())
+
+
+@lru_cache(maxsize=1)
+def image_store() -> ImageStore:
+    return ImageStore(get_settings().image_store)

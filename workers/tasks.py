@@ -12,7 +12,6 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any
 
 import redis.exceptions
@@ -25,7 +24,6 @@ from db import queries
 from db.models import Tier
 from db.session import session_scope
 from workers import flow, stages
-from workers.budget import BudgetKeeper, budget_keeper_from_settings
 from workers.celery_app import (
     TASK_GENERATE_CLOUD,
     TASK_GENERATE_EDGE,
@@ -36,9 +34,15 @@ from workers.celery_app import (
     app,
 )
 from workers.flow import Step
-from workers.images import ImageStore
-from workers.models import generate
-from workers.runtime import RouterService, model_for, pipeline_for, quality_scorer
+from workers.pipelines import generate
+from workers.runtime import (
+    budget_keeper,
+    image_store,
+    model_for,
+    pipeline_for,
+    quality_scorer,
+    router_service,
+)
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -51,21 +55,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     BrokerError,
     ConnectionError,
 )
-
-
-@lru_cache(maxsize=1)
-def router_service() -> RouterService:
-    return RouterService(get_settings())
-
-
-@lru_cache(maxsize=1)
-def budget_keeper() -> BudgetKeeper:
-    return budget_keeper_from_settings(get_settings())
-
-
-@lru_cache(maxsize=1)
-def image_store() -> ImageStore:
-    return ImageStore(get_settings().image_store)
 
 
 def _mark_failed(request_id: str, reason: str) -> None:

@@ -23,8 +23,8 @@ from routing.types import PairTable
 from tests.unit.tiny_text_encoder import build_tiny_encoder
 from workers import pairs
 from workers.demo import demo_prompts
-from workers.models import load_clip, load_pipeline
 from workers.pairs import make_pair_table, write_metric_table
+from workers.pipelines import load_clip, load_pipeline
 
 N_PROMPTS = 12
 GENERATION = {"width": 32, "height": 32, "steps": 2}

@@ -1,17 +1,16 @@
-"""Model loading for the edge, cloud and quality workers, and the tiny stand-ins tests use.
+"""Tiny stand-ins for the edge, cloud and CLIP models, for the tests and the demo.
 
-Real weights are configuration: every model loads through ``from_pretrained(path_or_id)`` with
-safetensors only and no remote code, so the tiny models that ``make_tiny`` saves go through the
-very code path a production SD2.1 / SD3 / CLIP checkpoint takes. The tiny models follow
-diffusers' ``get_dummy_components`` (tests/pipelines): the same classes as the real ones, built
-from small configs with fixed seeds, so the whole system runs offline on a CPU in seconds.
+They follow diffusers' ``get_dummy_components`` (tests/pipelines): the same classes as the
+real ones, built from small configs with fixed seeds and saved as safetensors, so the whole
+system runs offline on a CPU in seconds and loads them through ``workers.pipelines`` exactly
+as it loads real weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -20,7 +19,6 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
     StableDiffusion3Pipeline,
@@ -29,7 +27,6 @@ from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
     FlowMatchEulerDiscreteScheduler,
 )
-from PIL import Image
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     CLIPConfig,
@@ -46,14 +43,12 @@ from routing.metrics import METRICS
 
 TIERS: tuple[str, ...] = ("edge", "cloud", "clip")
 
-_DEFAULT_REVISION = "main"  # the hub's default branch; ignored for local folders
-
-# SD3 can run without its T5 encoder (diffusers then feeds zeros in its place); the tiny cloud
-# model has none, and an operator may drop it from a real checkout to save 9 GB.
-_SD3_OPTIONAL_ENCODERS: tuple[str, ...] = ("text_encoder_3", "tokenizer_3")
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+
+
 _MAX_TOKENS = 77  # CLIP's context length; diffusers pads every prompt to it.
+
 
 # Whole-word merges for these, so the metric texts and everyday prompts tokenize as words;
 # anything else still tokenizes, byte by byte.
@@ -78,146 +73,6 @@ def make_tiny(dest: Path, *, seed: int = 0) -> dict[str, Path]:
     model.save_pretrained(paths["clip"], safe_serialization=True)
     processor.save_pretrained(paths["clip"])
     return paths
-
-
-def load_pipeline(
-    path_or_id: str,
-    *,
-    device: str = "cpu",
-    torch_dtype: str = "float32",
-    revision: str | None = None,
-) -> DiffusionPipeline:
-    """Load a diffusers pipeline from a local folder or a hub id, ready to generate.
-
-    ``use_safetensors=True`` makes diffusers refuse pickled weights instead of falling back
-    to them, and remote code is never trusted; the pipeline class comes from the folder's
-    ``model_index.json``.
-    """
-    _check_local_model(path_or_id)
-    extra = _absent_optional_encoders(path_or_id, revision)
-    pipe = DiffusionPipeline.from_pretrained(
-        path_or_id,
-        use_safetensors=True,
-        trust_remote_code=False,
-        revision=revision,
-        dtype=_dtype(torch_dtype),
-        **extra,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def generate(
-    pipe: DiffusionPipeline,
-    prompt: str,
-    *,
-    width: int,
-    height: int,
-    steps: int,
-    seed: int,
-    guidance_scale: float | None = None,
-) -> Image.Image:
-    """One image for one prompt; the same seed on the same device gives the same image.
-
-    ``guidance_scale=None`` keeps the pipeline's own default, which differs between SD2.1
-    and SD3.
-    """
-    generator = torch.Generator(device=pipe.device).manual_seed(seed)
-    kwargs: dict[str, Any] = {}
-    if guidance_scale is not None:
-        kwargs["guidance_scale"] = guidance_scale
-    # Every concrete pipeline is callable; the base class declares no __call__.
-    run = cast(Callable[..., Any], pipe)
-    result = run(
-        prompt,
-        width=width,
-        height=height,
-        num_inference_steps=steps,
-        generator=generator,
-        output_type="pil",
-        **kwargs,
-    )
-    image: Image.Image = result.images[0]
-    return image
-
-
-def load_clip(
-    path_or_id: str, *, device: str = "cpu", revision: str | None = None
-) -> tuple[CLIPModel, CLIPProcessor]:
-    """Load the CLIP model that scores image quality, in float32 and evaluation mode.
-
-    Float32 whatever the checkpoint's dtype: quality scores are compared across tiers and
-    over time, so they should not depend on the precision the weights were shipped in.
-    """
-    _check_local_model(path_or_id)
-    model = CLIPModel.from_pretrained(
-        path_or_id,
-        use_safetensors=True,
-        trust_remote_code=False,
-        revision=revision or _DEFAULT_REVISION,
-        dtype=torch.float32,
-    )
-    processor = CLIPProcessor.from_pretrained(path_or_id, revision=revision or _DEFAULT_REVISION)
-    # transformers types its wrapper of Module.to as if it took the model again.
-    return model.to(device).eval(), processor  # type: ignore[arg-type]
-
-
-class ModelFolderError(OSError):
-    """A model path that cannot be loaded as configured: missing, or pickled weights only."""
-
-
-_PICKLED_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl"})
-
-
-def _check_local_model(path_or_id: str) -> None:
-    """Fail early, with the reason, on a local path the loaders would only half explain.
-
-    A path that exists, or that cannot be a hub id (``namespace/name``), is a local folder;
-    the libraries would otherwise report it as a failed hub download. A folder in which some
-    part has pickled weights and no safetensors is refused by name, since loading pickles
-    runs arbitrary code.
-    """
-    local = Path(path_or_id).expanduser()
-    if not local.exists():
-        if local.is_absolute() or path_or_id.startswith((".", "~")) or path_or_id.count("/") > 1:
-            raise ModelFolderError(f"no model folder at {path_or_id}")
-        return
-    if not local.is_dir():
-        raise ModelFolderError(f"{path_or_id} is a file; expected a model folder")
-    folders = {path.parent for path in local.rglob("*") if path.suffix in _PICKLED_SUFFIXES}
-    for folder in sorted(folders):
-        if not any(folder.glob("*.safetensors")):
-            raise ModelFolderError(
-                f"{folder} holds pickled weights only; models load from safetensors only "
-                "(convert them, e.g. save_pretrained(..., safe_serialization=True))"
-            )
-
-
-def _dtype(name: str) -> torch.dtype:
-    """``"float16"`` -> ``torch.float16``; settings hold dtypes as strings."""
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown torch dtype {name!r}")
-    return dtype
-
-
-def _absent_optional_encoders(path_or_id: str, revision: str | None) -> dict[str, None]:
-    """``{"text_encoder_3": None, ...}`` for SD3 encoders the checkpoint does not ship.
-
-    Without these overrides ``from_pretrained`` insists on loading every component listed in
-    ``model_index.json``. A local folder counts as lacking a component when its subfolder is
-    missing, even if the index still names it.
-    """
-    index = cast(dict[str, Any], DiffusionPipeline.load_config(path_or_id, revision=revision))
-    if index.get("_class_name") != StableDiffusion3Pipeline.__name__:
-        return {}
-    local = Path(path_or_id)
-    absent: dict[str, None] = {}
-    for name in _SD3_OPTIONAL_ENCODERS:
-        library, _ = index.get(name) or (None, None)
-        if library is None or (local.is_dir() and not (local / name).is_dir()):
-            absent[name] = None
-    return absent
 
 
 def _tiny_tokenizer() -> CLIPTokenizer:
