@@ -4,6 +4,7 @@ a lost one is re-sent, and one lost too often gives up with the reason."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import redis
@@ -14,7 +15,7 @@ from db.models import Status, StepStatus
 from db.session import session_scope
 from workers import flow
 from workers.budget import budget_keeper_from_settings
-from workers.celery_app import app
+from workers.celery_app import app, create_app
 from workers.flow import Send
 from workers.producer import submit
 from workers.settings import Settings
@@ -134,3 +135,17 @@ def test_without_a_record_of_delivered_messages_a_running_step_lives_its_time_li
     with session_scope(clean_db) as session:
         resends, _ = sweep(session, settings, lambda: forgetful, budget)
     assert resends == [Send(request_id, flow.ROUTE, 2)]
+
+
+def test_the_file_system_broker_is_read_too(tmp_path: Path, settings: Settings) -> None:
+    """The demo's broker: a message waiting in its folder is seen, and nothing is known of
+    delivered ones."""
+    folder_settings = settings.model_copy(
+        update={"broker_url": "filesystem://", "broker_folder": tmp_path}
+    )
+    files_app = create_app(folder_settings)
+    flow.send(files_app, [Send("7f0c1a9e-0000-4000-8000-000000000001", flow.ROUTE, 3)])
+    view = read_broker(files_app, folder_settings.queues.values())
+    assert view == BrokerView(
+        frozenset({("7f0c1a9e-0000-4000-8000-000000000001", "route")}), tracks_delivered=False
+    )
