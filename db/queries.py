@@ -201,6 +201,7 @@ class OverdueStep:
     starts: int
     sends: int
     last_sign: datetime
+    started_at: datetime | None
 
 
 def overdue_steps(session: Session, cutoff: datetime, limit: int) -> list[OverdueStep]:
@@ -223,6 +224,7 @@ def overdue_steps(session: Session, cutoff: datetime, limit: int) -> list[Overdu
             Dispatch.starts,
             Dispatch.sends,
             last_sign,
+            Dispatch.started_at,
         )
         .where(Dispatch.status.in_(OPEN_STEP_STATUSES), last_sign < cutoff)
         .order_by(Dispatch.dispatched_at)
@@ -230,9 +232,16 @@ def overdue_steps(session: Session, cutoff: datetime, limit: int) -> list[Overdu
     )
     return [
         OverdueStep(
-            int(i), rid, step, StepStatus(status), int(starts), int(sends), _as_datetime(sign)
+            int(i),
+            rid,
+            step,
+            StepStatus(status),
+            int(starts),
+            int(sends),
+            _as_datetime(sign),
+            None if started is None else _as_datetime(started),
         )
-        for i, rid, step, status, starts, sends, sign in rows
+        for i, rid, step, status, starts, sends, sign, started in rows
     ]
 
 

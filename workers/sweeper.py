@@ -1,8 +1,9 @@
 """The sweeper: re-send a step whose message can be shown lost, and only that.
 
 A step with no sign of life (not sent, started or seen waiting) for ``lost_after_seconds``
-is checked against the broker: if a message for it waits in a queue or is held
-unacknowledged by a worker, the step is waiting, not stuck, and nothing is sent (a backlog
+is checked against the broker: if a message for it waits in a queue, or is held
+unacknowledged by a worker that started it less than a task time limit ago, the step is
+waiting, not stuck, and nothing is sent (a backlog
 of hours fails nothing and adds no copies). If the broker holds none (a Redis restart
 without persistence, a worker that died between its commit and its send, a producer that
 found the broker down), the step is re-sent. A step lost ``max_resends`` times gives up.
@@ -39,11 +40,13 @@ SWEEP_LIMIT = 1000
 
 @dataclass(frozen=True)
 class BrokerView:
-    """The (request id, step) of every message the broker holds for these queues, and
-    whether that includes the messages workers hold unacknowledged."""
+    """The (request id, step) of every message queued for these queues, of every message
+    delivered to a worker and not yet acknowledged, and whether the broker keeps the latter
+    at all."""
 
-    waiting: frozenset[tuple[str, str]]
-    tracks_delivered: bool
+    queued: frozenset[tuple[str, str]]
+    held: frozenset[tuple[str, str]] = frozenset()
+    tracks_delivered: bool = True
 
 
 def _keys(payloads: Iterable[Any]) -> frozenset[tuple[str, str]]:
@@ -63,15 +66,15 @@ def read_broker(app: Celery, queues: Iterable[str]) -> BrokerView | None:
         transport = connection.transport.driver_type
         if transport == "redis":
             client = channel.client
-            payloads = [
+            queued = [
                 json.loads(raw)
                 for queue in queues
                 for priority in channel.priority_steps
                 for raw in client.lrange(channel._q_for_pri(queue, priority), 0, -1)
             ]
             # kombu keeps each delivered, unacknowledged message as [payload, exchange, key].
-            payloads += [json.loads(raw)[0] for raw in client.hvals(channel.unacked_key)]
-            return BrokerView(_keys(payloads), tracks_delivered=True)
+            held = [json.loads(raw)[0] for raw in client.hvals(channel.unacked_key)]
+            return BrokerView(_keys(queued), _keys(held))
         if transport == "filesystem":
             folder = Path(channel.data_folder_in)
             payloads = []
@@ -126,14 +129,24 @@ def sweep(
 def _waiting(
     step: queries.OverdueStep, view: BrokerView | None, now: datetime, settings: Settings
 ) -> bool:
-    if view is not None and (step.request_id, step.step) in view.waiting:
+    key = (step.request_id, step.step)
+    # No task runs past its time limit: a step started longer ago than that is not being
+    # worked on, whatever the broker still holds for it (a task cancelled when the broker
+    # went away leaves its message unacknowledged until the visibility timeout).
+    started_recently = step.started_at is not None and step.started_at > now - timedelta(
+        seconds=settings.task_time_limit + settings.lost_after_seconds
+    )
+    if view is not None and key in view.queued:
         return True
+    if view is not None and key in view.held:
+        return step.status is StepStatus.PENDING or started_recently
     if view is not None and view.tracks_delivered:
         return False
-    # Without the broker's record of delivered messages: a running step is alive until its
-    # time limit has passed, and with no broker view at all a pending one until a worker
-    # holding it would have had it back (the visibility timeout).
-    alive_for = settings.task_time_limit if step.status is StepStatus.RUNNING else 0
-    if view is None:
-        alive_for = max(alive_for, settings.visibility_timeout)
-    return step.last_sign > now - timedelta(seconds=alive_for + settings.lost_after_seconds)
+    # Without the broker's record of delivered messages, a running step is alive until its
+    # time limit has passed; with no view at all, a pending one until a worker holding it
+    # would have had it back (the visibility timeout).
+    if step.status is StepStatus.RUNNING and started_recently:
+        return True
+    return view is None and step.last_sign > now - timedelta(
+        seconds=settings.visibility_timeout + settings.lost_after_seconds
+    )

@@ -83,6 +83,29 @@ def test_a_message_held_unacknowledged_by_a_worker_is_waiting(
     clean_redis.hset("unacked", "tag-1", json.dumps([json.loads(raw), "", settings.queue_route]))
     _age(clean_db, request_id, 10 * settings.lost_after_seconds)
     assert _sweep(clean_db, settings) == []
+    # Started, and still within the time limit: being worked on.
+    with session_scope(clean_db) as session:
+        queries.start_step(session, request_id, "route", redelivered=False)
+        session.execute(
+            text(
+                "UPDATE dispatches SET started_at = now() - make_interval(secs => :s),"
+                " dispatched_at = now() - make_interval(secs => :s), seen_at = NULL"
+            ),
+            {"s": settings.lost_after_seconds + 1},
+        )
+    assert _sweep(clean_db, settings) == []
+    # Started longer ago than any task may run: whatever holds the message is gone (a task
+    # cancelled when the broker dropped leaves it unacknowledged until the visibility
+    # timeout), so the step is re-sent rather than left waiting for that.
+    with session_scope(clean_db) as session:
+        session.execute(
+            text(
+                "UPDATE dispatches SET seen_at = NULL,"
+                " started_at = now() - make_interval(secs => :s)"
+            ),
+            {"s": settings.task_time_limit + settings.lost_after_seconds + 1},
+        )
+    assert _sweep(clean_db, settings) == [Send(request_id, flow.ROUTE, 2)]
 
 
 def test_a_lost_message_is_re_sent_once(
