@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready
 
 from db.session import dispose_engines
+from workers.broker import transport_for
+from workers.liveness import mark_busy, mark_idle
 from workers.settings import Settings, get_settings
 
 TASK_ROUTE = "t2iroute.route"
@@ -40,6 +42,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     transport_options = _transport_options(settings)
     return {
         "broker_url": settings.broker_url,
+        # kombu's Redis transport with a guard for its reconnect crash (workers/broker.py).
+        "broker_transport": transport_for(settings.broker_url),
         "result_backend": settings.result_backend,
         "broker_transport_options": transport_options,
         "result_backend_transport_options": transport_options,
@@ -92,3 +96,22 @@ app = create_app()
 def _after_fork(**_: Any) -> None:
     # Pooled database connections inherited from the parent are not fork-safe.
     dispose_engines()
+
+
+@worker_ready.connect
+def _forget_an_earlier_run(sender: Any, **_: Any) -> None:
+    # A busy marker left by a worker killed mid-task must not vouch for its successor.
+    mark_idle(sender.hostname)
+
+
+@task_prerun.connect
+def _mark_busy(task: Any, **_: Any) -> None:
+    # The liveness check tells a solo worker busy with a task from a wedged one by this.
+    if task.request.hostname:
+        mark_busy(task.request.hostname)
+
+
+@task_postrun.connect
+def _mark_idle(task: Any, **_: Any) -> None:
+    if task.request.hostname:
+        mark_idle(task.request.hostname)

@@ -85,6 +85,30 @@ def worker(
     celery_app.worker_main(argv)
 
 
+@app.command("worker-health")
+def worker_health(
+    hostname: Annotated[
+        str | None,
+        typer.Option(help="The worker's --hostname, e.g. edge@%h; default celery@%h."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a ping.")] = 10.0,
+) -> None:
+    """Exit 0 if the worker on this host answers a ping, or is inside one task that is
+    still within the task time limit; exit 1 otherwise (a liveness check)."""
+    from workers.celery_app import app as celery_app
+    from workers.liveness import check_worker, node_name
+
+    health = check_worker(
+        celery_app,
+        node_name(hostname),
+        timeout=timeout,
+        time_limit=get_settings().task_time_limit,
+    )
+    typer.echo(f"{health.node}: {health.reason}")
+    if not health.alive:
+        raise typer.Exit(1)
+
+
 @app.command()
 def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
     """Run the periodic scheduler (sweeper and retraining)."""

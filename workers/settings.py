@@ -16,13 +16,16 @@ class Settings(BaseSettings):
     )
 
     # Servers. The defaults are the local services of a development machine.
-    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-    broker_url: str = "redis://127.0.0.1:6379/0"
-    result_backend: str | None = None
+    # URLs carry credentials: left out of the settings' repr, so a log of them shows none.
+    database_url: str = Field(
+        default="postgresql+psycopg://postgres@127.0.0.1:5432/test", repr=False
+    )
+    broker_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
+    result_backend: str | None = Field(default=None, repr=False)
     # For the serverless demo broker (filesystem://): the folder messages pass through.
     broker_folder: Path | None = None
     task_events: bool = True
-    redis_url: str = "redis://127.0.0.1:6379/1"
+    redis_url: str = Field(default="redis://127.0.0.1:6379/1", repr=False)
 
     # Storage.
     image_store: Path = Path("var/images")
@@ -50,6 +53,9 @@ class Settings(BaseSettings):
     cloud_rate_burst: float = Field(default=10.0, ge=1.0)
     exploration_rate: float = Field(default=0.05, ge=0.0, le=1.0)
     exploration_burst: float = Field(default=2.0, ge=1.0)
+    # Cost per image in the operator's unit; the budget bounds the spend above the edge's.
+    edge_cost: float = Field(default=1.0, ge=0.0)
+    cloud_cost: float = Field(default=10.0, ge=0.0)
     budget_key_prefix: str = "t2iroute:budget"
     # Longest a routing decision may wait on the budget Redis before it routes to edge.
     budget_redis_timeout_seconds: float = Field(default=0.25, gt=0.0, le=5.0)
@@ -94,7 +100,7 @@ class Settings(BaseSettings):
     worker_max_memory_per_child_kb: int | None = None
 
     # Flower.
-    flower_basic_auth: str | None = None
+    flower_basic_auth: str | None = Field(default=None, repr=False)
 
     @model_validator(mode="after")
     def _limits_are_ordered(self) -> Settings:
@@ -104,6 +110,8 @@ class Settings(BaseSettings):
             raise ValueError("visibility_timeout must exceed task_time_limit (see DESIGN.md)")
         if self.min_side > self.max_side:
             raise ValueError("min_side must not exceed max_side")
+        if self.cloud_cost < self.edge_cost:
+            raise ValueError("cloud_cost must not be below edge_cost")
         return self
 
     @property

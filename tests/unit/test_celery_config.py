@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from workers import broker
 from workers.celery_app import (
     TASK_GENERATE_CLOUD,
     TASK_GENERATE_EDGE,
@@ -17,6 +19,7 @@ from workers.celery_app import (
     celery_config,
     create_app,
 )
+from workers.liveness import node_name
 from workers.settings import Settings
 
 
@@ -86,3 +89,34 @@ def test_settings_come_from_prefixed_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("T2IROUTE_CLOUD_RATIO", "1.5")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_a_redis_broker_gets_the_guarded_transport_and_prints_masked() -> None:
+    settings = Settings(broker_url="redis://:s3cret@redis:6379/0")
+    assert celery_config(settings)["broker_transport"] == broker.TRANSPORT
+    with create_app(settings).connection_for_write() as connection:
+        assert isinstance(connection.transport, broker.Transport)
+        # What the worker banner, its reconnect logs, beat and Flower print.
+        assert connection.as_uri() == "redis://:**@redis:6379/0"
+
+
+@pytest.mark.parametrize("url", ["rediss://redis:6380/0", "sentinel://redis:26379", "memory://"])
+def test_other_brokers_keep_kombus_own_transport(url: str) -> None:
+    assert celery_config(Settings(broker_url=url))["broker_transport"] is None
+
+
+def test_the_liveness_check_names_a_worker_as_the_worker_names_itself() -> None:
+    host = socket.gethostname()
+    assert node_name("edge@%h") == f"edge@{host}"
+    assert node_name(None) == f"celery@{host}"
+    assert node_name("router@box") == "router@box"
+
+
+def test_the_settings_repr_shows_no_credentials() -> None:
+    settings = Settings(
+        database_url="postgresql+psycopg://app:db-secret@db/t2iroute",
+        broker_url="redis://:broker-secret@redis:6379/0",
+        redis_url="redis://:budget-secret@redis:6379/1",
+        flower_basic_auth="ops:flower-secret",
+    )
+    assert "secret" not in repr(settings)
