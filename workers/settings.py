@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from workers.pool import Pool, PoolError, TierSpec, parse_tiers, read_tiers_file
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="T2IROUTE_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="T2IROUTE_",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        # A validation error must not echo the input: URLs in it carry credentials.
+        hide_input_in_errors=True,
     )
 
     # Servers. The defaults are the local services of a development machine.
@@ -31,7 +38,11 @@ class Settings(BaseSettings):
     image_store: Path = Path("var/images")
     model_store: Path = Path("var/routers")
 
-    # Models per tier: a local directory or a hub id, loaded with from_pretrained.
+    # The pool of tiers (workers/pool.py): a JSON list in T2IROUTE_TIERS, or a TOML file of
+    # [[tiers]] tables. Without either, the two tiers edge and cloud from the settings below.
+    tiers: list[dict[str, Any]] | None = None
+    tiers_file: Path | None = None
+    # The default two-tier pool: a local directory or a hub id, loaded with from_pretrained.
     edge_model: str = "var/models/edge"
     cloud_model: str = "var/models/cloud"
     clip_model: str = "var/models/clip"
@@ -110,9 +121,34 @@ class Settings(BaseSettings):
             raise ValueError("visibility_timeout must exceed task_time_limit (see DESIGN.md)")
         if self.min_side > self.max_side:
             raise ValueError("min_side must not exceed max_side")
+        self.pool  # noqa: B018 (a pool that cannot be built is refused at start-up)
         if self.cloud_cost < self.edge_cost:
             raise ValueError("cloud_cost must not be below edge_cost")
         return self
+
+    @cached_property
+    def pool(self) -> Pool:
+        """The tiers requests are routed among, checked once, when the settings are read."""
+        if self.tiers is not None and self.tiers_file is not None:
+            raise PoolError("set T2IROUTE_TIERS or T2IROUTE_TIERS_FILE, not both")
+        if self.tiers is not None:
+            tiers = parse_tiers(self.tiers, "T2IROUTE_TIERS")
+        elif self.tiers_file is not None:
+            tiers = read_tiers_file(self.tiers_file)
+        else:
+            tiers = [
+                TierSpec(
+                    name="edge", model=self.edge_model, cost=self.edge_cost, queue=self.queue_edge
+                ),
+                TierSpec(
+                    name="cloud",
+                    model=self.cloud_model,
+                    cost=self.cloud_cost,
+                    queue=self.queue_cloud,
+                ),
+            ]
+        reserved = (self.queue_route, self.queue_quality, self.queue_maintenance)
+        return Pool(tiers, reserved_queues=reserved)
 
     @property
     def queues(self) -> dict[str, str]:
