@@ -1,14 +1,15 @@
-"""Budget decisions per second, and how close the cloud share comes to its bound.
+"""Budget decisions per second for a pool of 2 and of 6 tiers, against a raw Redis round trip.
 
-Router processes (Redis keeper) or threads (local keeper) decide concurrently; each request
-wants the cloud with probability ``--want``. The decisions are put back in the order the
-buckets saw them (by sequence number) and the table shows the cloud share (cloud
-generations, explorations included, per decision) against ``rho``, and the worst excess
-over any window of consecutive decisions, ``max(cloud - rho * length)``, against the bound,
-the burst. A Redis decision is one EVALSHA round trip, so its rate is bounded by Redis's
-single thread and the round-trip time, not by Python.
+Router processes (Redis keeper) or threads (local keeper) decide concurrently. Each request
+ranks the tiers as a policy would: a first choice drawn at random, then every cheaper tier,
+dearest first; and it asks to explore every tier. A Redis decision is one EVALSHA round trip,
+so each Redis worker then sends as many PINGs on the same client, at the same concurrency,
+in the same run: the floor no decision can go below. The decisions are put back in the order
+the buckets saw them (by sequence number) and the table shows the spend per decision (extra
+cost above the cheapest tier, explorations included) against B, and the worst excess over
+any window of consecutive decisions, ``max(spend - B * length)``, against the bound C.
 
-Run: ``python -m bench.budget [--decisions N] [--workers 1 4]``.
+Run: ``python -m bench.budget [--decisions N] [--workers 1 4] [--tiers 2 6]``.
 """
 
 from __future__ import annotations
@@ -36,69 +37,104 @@ from workers.budget import (
 )
 from workers.settings import Settings
 
-LIMITS = BudgetLimits(rho=0.3, burst=5.0, exploration_rate=0.05, exploration_burst=2.0)
+# Both pools spend 0.3 of the dearest tier's extra cost a request, up to 5 of its images.
+POOLS = {
+    2: BudgetLimits.from_settings(
+        Settings(cloud_ratio=0.3, cloud_burst=5.0, exploration_rate=0.05, exploration_burst=2.0)
+    ),
+    6: BudgetLimits(
+        {"xs": 1.0, "s": 1.5, "m": 2.5, "l": 4.0, "xl": 6.0, "xxl": 10.0},
+        budget_per_request=2.7,
+        burst=45.0,
+        exploration_rate=0.05,
+        exploration_burst=2.0,
+    ),
+}
 
 
 @dataclass
 class Run:
-    """One worker's decisions: (sequence, spent a cloud generation), and timings."""
+    """One worker's decisions: (sequence, spent), and timings; or its PINGs' timings."""
 
-    log: list[tuple[int, bool]]
+    log: list[tuple[int, float]]
     latencies: list[float]
     began: float
     ended: float
 
 
-def _decide(
-    keeper: BudgetKeeper, count: int, want: float, seed: int, ready: Callable[[], object]
-) -> Run:
-    wants = random.Random(seed)
+def _decide(keeper: BudgetKeeper, count: int, seed: int, ready: Callable[[], object]) -> Run:
+    draw = random.Random(seed)
+    limits = keeper.limits
+    by_cost = sorted(limits.tier_costs, key=limits.tier_costs.__getitem__, reverse=True)
     run = Run([], [], 0.0, 0.0)
     ready()  # every worker starts together
     run.began = time.perf_counter()
     for _ in range(count):
+        preference = by_cost[draw.randrange(len(by_cost)) :]
         sent = time.perf_counter()
-        decision = keeper.decide(uuid.uuid4().hex, wants_cloud=wants.random() < want)
+        decision = keeper.decide(uuid.uuid4().hex, preference=preference, explore=by_cost)
         run.latencies.append(time.perf_counter() - sent)
         assert decision.sequence is not None, decision.reason
-        run.log.append((decision.sequence, decision.cloud or decision.explore))
+        run.log.append((decision.sequence, decision.spent))
+    run.ended = time.perf_counter()
+    return run
+
+
+def _ping(client: Redis, count: int, ready: Callable[[], object]) -> Run:
+    run = Run([], [], 0.0, 0.0)
+    ready()
+    run.began = time.perf_counter()
+    for _ in range(count):
+        sent = time.perf_counter()
+        client.ping()
+        run.latencies.append(time.perf_counter() - sent)
     run.ended = time.perf_counter()
     return run
 
 
 def _redis_worker(
-    url: str, prefix: str, count: int, want: float, seed: int, start: Barrier, out: Queue[Run]
+    url: str,
+    prefix: str,
+    limits: BudgetLimits,
+    count: int,
+    seed: int,
+    start: Barrier,
+    out: Queue[tuple[Run, Run]],
 ) -> None:
-    keeper = RedisBudgetKeeper(Redis.from_url(url), LIMITS, key_prefix=prefix)
-    keeper.decide(f"warm-{uuid.uuid4().hex}", wants_cloud=False)  # loads the script, connects
-    out.put(_decide(keeper, count, want, seed, start.wait))
+    client = Redis.from_url(url)
+    keeper = RedisBudgetKeeper(client, limits, key_prefix=prefix)
+    keeper.decide(f"warm-{uuid.uuid4().hex}", preference=[limits.cheapest])  # loads the script
+    decisions = _decide(keeper, count, seed, start.wait)
+    out.put((decisions, _ping(client, count, start.wait)))
 
 
-def redis_runs(url: str, workers: int, count: int, want: float) -> list[Run]:
+def redis_runs(
+    url: str, limits: BudgetLimits, workers: int, count: int
+) -> tuple[list[Run], list[Run]]:
     context = multiprocessing.get_context("spawn")
     prefix = f"t2iroute-bench:{uuid.uuid4().hex}"
     start = context.Barrier(workers)
-    out: Queue[Run] = context.Queue()
+    out: Queue[tuple[Run, Run]] = context.Queue()
     processes = [
-        context.Process(target=_redis_worker, args=(url, prefix, count, want, seed, start, out))
+        context.Process(target=_redis_worker, args=(url, prefix, limits, count, seed, start, out))
         for seed in range(workers)
     ]
     for process in processes:
         process.start()
-    runs = [out.get() for _ in processes]
+    results = [out.get() for _ in processes]
     for process in processes:
         process.join()
-    RedisBudgetKeeper(Redis.from_url(url), LIMITS, key_prefix=prefix).reset()
-    return runs
+    RedisBudgetKeeper(Redis.from_url(url), limits, key_prefix=prefix).reset()
+    return [decisions for decisions, _ in results], [pings for _, pings in results]
 
 
-def local_runs(workers: int, count: int, want: float) -> list[Run]:
-    keeper = LocalBudgetKeeper(LIMITS)
+def local_runs(limits: BudgetLimits, workers: int, count: int) -> list[Run]:
+    keeper = LocalBudgetKeeper(limits)
     start = threading.Barrier(workers)
     runs: list[Run] = []
 
     def work(seed: int) -> None:
-        runs.append(_decide(keeper, count, want, seed, start.wait))
+        runs.append(_decide(keeper, count, seed, start.wait))
 
     threads = [threading.Thread(target=work, args=(seed,)) for seed in range(workers)]
     for thread in threads:
@@ -108,17 +144,28 @@ def local_runs(workers: int, count: int, want: float) -> list[Run]:
     return runs
 
 
-def row(backend: str, workers: int, runs: list[Run]) -> str:
+def _rate(runs: list[Run]) -> float:
+    """Calls per second of all workers together, from the first start to the last end."""
+    elapsed = max(run.ended for run in runs) - min(run.began for run in runs)
+    return sum(len(run.latencies) for run in runs) / elapsed
+
+
+def row(backend: str, limits: BudgetLimits, workers: int, runs: list[Run], pings: list[Run]) -> str:
     # The Redis workers' warm-up decisions precede all others and are left out of the logs.
     ordered = [spent for _, spent in sorted(entry for run in runs for entry in run.log)]
-    elapsed = max(run.ended for run in runs) - min(run.began for run in runs)
     latencies = sorted(latency for run in runs for latency in run.latencies)
     p99 = latencies[int(0.99 * (len(latencies) - 1))]
+    if pings:
+        ping_rate = _rate(pings)
+        ping_p50 = statistics.median(latency for run in pings for latency in run.latencies)
+        against = f"{ping_rate:>8,.0f}  {ping_p50 * 1e3:>7.3f}  {_rate(runs) / ping_rate:>8.2f}"
+    else:
+        against = f"{'-':>8}  {'-':>7}  {'-':>8}"
     return (
-        f"{backend:>7}  {workers:>7}  {len(latencies) / elapsed:>11,.0f}  "
-        f"{statistics.median(latencies) * 1e3:>6.3f}  {p99 * 1e3:>6.3f}  "
-        f"{sum(ordered) / len(ordered):>11.4f}  {LIMITS.rho:>4.2f}  "
-        f"{worst_window_excess(ordered, LIMITS.rho):>13.3f}  {LIMITS.burst:>5.1f}"
+        f"{backend:>7}  {len(limits.tier_costs):>5}  {workers:>7}  {_rate(runs):>11,.0f}  "
+        f"{statistics.median(latencies) * 1e3:>6.3f}  {p99 * 1e3:>6.3f}  {against}  "
+        f"{sum(ordered) / len(ordered):>9.3f}  {limits.budget_per_request:>4.2f}  "
+        f"{worst_window_excess(ordered, limits.budget_per_request):>13.3f}  {limits.burst:>5.1f}"
     )
 
 
@@ -127,21 +174,27 @@ def main() -> None:
     parser.add_argument("--url", default=Settings().redis_url, help="Redis holding the buckets")
     parser.add_argument("--decisions", type=int, default=5000, help="per worker")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--want", type=float, default=0.6, help="share of requests wanting cloud")
+    parser.add_argument("--tiers", type=int, nargs="+", default=sorted(POOLS), choices=POOLS)
     args = parser.parse_args()
 
     print(
-        f"{args.decisions} decisions per worker, {args.want:.0%} wanting cloud, "
-        f"exploration {LIMITS.exploration_rate}; Redis at {args.url}"
+        f"{args.decisions} decisions per worker, first choice at random, every tier explored "
+        f"at rate 0.05; Redis at {args.url}"
     )
     print(
-        f"{'backend':>7}  {'workers':>7}  {'decisions/s':>11}  {'p50 ms':>6}  {'p99 ms':>6}  "
-        f"{'cloud share':>11}  {'rho':>4}  {'max overshoot':>13}  {'bound':>5}"
+        f"{'backend':>7}  {'tiers':>5}  {'workers':>7}  {'decisions/s':>11}  {'p50 ms':>6}  "
+        f"{'p99 ms':>6}  {'PINGs/s':>8}  {'PING p50':>7}  {'vs PING':>8}  "
+        f"{'spend/req':>9}  {'B':>4}  {'max overshoot':>13}  {'C':>5}"
     )
-    for workers in args.workers:
-        print(row("redis", workers, redis_runs(args.url, workers, args.decisions, args.want)))
-    for workers in args.workers:
-        print(row("local", workers, local_runs(workers, args.decisions, args.want)))
+    for tiers in args.tiers:
+        limits = POOLS[tiers]
+        for workers in args.workers:
+            runs, pings = redis_runs(args.url, limits, workers, args.decisions)
+            print(row("redis", limits, workers, runs, pings))
+    for tiers in args.tiers:
+        limits = POOLS[tiers]
+        for workers in args.workers:
+            print(row("local", limits, workers, local_runs(limits, workers, args.decisions), []))
 
 
 if __name__ == "__main__":

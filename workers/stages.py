@@ -73,8 +73,8 @@ def _route_around(
         return None
     why = f"{tier.value} out of service: {down[tier.value][:200]}"
     if other is Tier.CLOUD:
-        granted = budget.decide(f"{request_id}/reroute", wants_cloud=True)
-        if not granted.cloud:
+        granted = budget.decide(f"{request_id}/reroute", preference=[Tier.CLOUD])
+        if granted.tier != Tier.CLOUD:
             return None
     return _Reroute(other, why)
 
@@ -95,8 +95,13 @@ def route_request(
         down = queries.unavailable_tiers(session)
         # A tier out of service is not asked of the budget keeper at all.
         wanted = Tier.CLOUD if wants_cloud else Tier.EDGE
-        granted = budget.decide(request_id, wants_cloud=wants_cloud and "cloud" not in down)
-        tier = Tier.CLOUD if granted.cloud else Tier.EDGE
+        asks_cloud = wants_cloud and "cloud" not in down
+        granted = budget.decide(
+            request_id,
+            preference=[Tier.CLOUD, Tier.EDGE] if asks_cloud else [Tier.EDGE],
+            explore=list(Tier),
+        )
+        tier = Tier(granted.tier)
         reroute = _route_around(request_id, wanted if wanted.value in down else tier, down, budget)
         if reroute is not None:
             tier = reroute.tier
@@ -112,7 +117,7 @@ def route_request(
                 "wants_cloud": wants_cloud,
                 "tier": tier,
                 # No labelled pair can come from a tier out of service.
-                "explore": granted.explore and _other(tier).value not in down,
+                "explore": bool(granted.explored) and _other(tier).value not in down,
                 "budget_reason": granted.reason,
                 "rerouted_from": None if reroute is None else _other(reroute.tier),
                 "reroute_reason": None if reroute is None else reroute.reason,
@@ -244,8 +249,8 @@ def give_up(
         return []
     already_made = queries.get_generation(session, request_id, other) is not None
     if other is Tier.CLOUD and not already_made:
-        granted = budget.decide(f"{request_id}/reroute", wants_cloud=True)
-        if not granted.cloud:
+        granted = budget.decide(f"{request_id}/reroute", preference=[Tier.CLOUD])
+        if granted.tier != Tier.CLOUD:
             queries.fail(session, request_id, f"{reason}; no cloud fallback: {granted.reason}")
             return []
     log.warning("request %s rerouted from %s to %s: %s", request_id, step.tier, other, reason)
