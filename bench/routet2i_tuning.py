@@ -25,9 +25,9 @@ from routing.evaluate import (
     router_factories,
     summarise,
 )
+from routing.experiments import encodings, genai_bench_experiments
 from routing.routet2i import RouteT2IRouter
 from routing.types import Router
-from workers.eval_cli import encodings, genai_bench_experiments
 
 DEV_PAIRS = "SDXL_2_1:DALLE_3,SDXL_Turbo:Midjourney_6"
 DEV_SEEDS = (100, 101, 102)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from routing.metrics import DEFAULT_WEIGHTS, METRIC_NAMES
-from routing.types import PairTable
+from routing.types import PairTable, PoolTable
 
 GENAI_BENCH_MODELS: tuple[str, ...] = (
     "SDXL_2_1",
@@ -73,6 +73,28 @@ def load_genai_bench(edge: str, cloud: str, path: Path | None = None) -> PairTab
     edge_q = np.array([[mean_rating(records[i]["models"][edge])] for i in ids])
     cloud_q = np.array([[mean_rating(records[i]["models"][cloud])] for i in ids])
     return PairTable(prompts=prompts, edge=edge_q, cloud=cloud_q, metrics=(RATING_METRIC,))
+
+
+def load_genai_bench_pool(
+    models: Sequence[str] = GENAI_BENCH_MODELS, path: Path | None = None
+) -> PoolTable:
+    """Several GenAI-Bench models as one single-score pool, tiers in the given order (the first
+    is the reference tier). Quality and prompt order as in ``load_genai_bench``, so
+    ``load_genai_bench_pool((e, c)).pair(e, c)`` equals ``load_genai_bench(e, c)``."""
+    source = path if path is not None else default_ratings_path()
+    records: dict[str, dict[str, Any]] = json.loads(Path(source).read_text())
+    if not records:
+        raise ValueError(f"{source} holds no prompts")
+    known = sorted(next(iter(records.values()))["models"])
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; known: {', '.join(known)}")
+    ids = sorted(records)
+    quality = np.array(
+        [[[mean_rating(records[i]["models"][m])] for m in models] for i in ids], dtype=np.float64
+    )
+    prompts = tuple(records[i]["prompt"] for i in ids)
+    return PoolTable(prompts, quality, tuple(models), (RATING_METRIC,))
 
 
 def load_metric_table(path: Path) -> PairTable:
@@ -153,6 +175,12 @@ def scalar_quality(
     edge: np.ndarray = table.edge @ w
     cloud: np.ndarray = table.cloud @ w
     return edge, cloud
+
+
+def pool_scalar_quality(table: PoolTable, weights: Mapping[str, float] | None = None) -> np.ndarray:
+    """Per-prompt scalar quality of every tier (n, tiers): the weighted mean of the metrics."""
+    result: np.ndarray = table.quality @ metric_weights(table.metrics, weights)
+    return result
 
 
 def cloud_preference(table: PairTable, weights: Mapping[str, float] | None = None) -> np.ndarray:

@@ -1,7 +1,12 @@
 """The RouteT2I router (Niu et al., arXiv 2411.13787, Sec. 3.3): a dual-gated token-selection
 mixture of experts, one expert per quality metric, over the token states of a frozen text
 encoder. It predicts the normalised distance D_i of every metric and their weighted sum, the
-Pareto relative superiority (PRS) of the edge image over the cloud image."""
+Pareto relative superiority (PRS) of the edge image over the cloud image.
+
+On a pool of tiers the experts stay one per metric and the heads multiply: one set per
+non-reference tier, each predicting D_i and PRS of the reference tier (tier 0, the cheapest)
+against that tier. With two tiers there is one set of heads, the paper's router, with the same
+parameters, initialisation and training as before the pool existed."""
 
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from torch import nn
 
 from routing.encoder import FrozenTextEncoder, default_encoder_path
 from routing.prs import PRSParams, check_weights
-from routing.types import PairTable
+from routing.types import PAIR_TIERS, PairTable, PoolTable, as_pool
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -93,14 +98,20 @@ class RouteT2IConfig:
 
 
 class RouteT2IModel(nn.Module):
-    """Frozen token states (n, L, d) and mask (n, L) -> logits of D_i (n, experts)."""
+    """Frozen token states (n, L, d) and mask (n, L) -> logits of D_i (n, targets * experts),
+    one block of experts per non-reference tier (``n_targets``, 1 for a pair)."""
 
     prs_weights: torch.Tensor
 
-    def __init__(self, config: RouteT2IConfig, prs_weights: Sequence[float]) -> None:
+    def __init__(
+        self, config: RouteT2IConfig, prs_weights: Sequence[float], n_targets: int = 1
+    ) -> None:
         super().__init__()
+        if n_targets < 1:
+            raise ValueError(f"n_targets must be at least 1, got {n_targets}")
         d, rank, h = config.hidden, config.rank, config.score_dim
         self.config = config
+        self.n_targets = n_targets
         self.n_experts = config.n_metrics if config.multi_metric else 1
         e, branches = self.n_experts, 2 if config.dual_gate else 1
         self.norm = nn.LayerNorm(d)
@@ -110,11 +121,13 @@ class RouteT2IModel(nn.Module):
         )
         self.projections = nn.Parameter(torch.randn(branches, e, d, rank) / math.sqrt(d))
         self.scoring = nn.Parameter(torch.randn(e, rank, h) / math.sqrt(rank))
-        self.head_weight = nn.Parameter(torch.randn(e, h) / math.sqrt(h))
-        self.head_bias = nn.Parameter(torch.zeros(e))
+        # One head per (target tier, expert), flat so a pair keeps the (e, h) shape of saved
+        # versions and draws the same initial values.
+        self.head_weight = nn.Parameter(torch.randn(n_targets * e, h) / math.sqrt(h))
+        self.head_bias = nn.Parameter(torch.zeros(n_targets * e))
         # Optional shared expert: a linear read-out of the mean-pooled token states added to
         # every gated expert's logit (a residual path that sees the whole prompt).
-        self.shared = nn.Linear(d, e) if config.shared_expert else None
+        self.shared = nn.Linear(d, n_targets * e) if config.shared_expert else None
         if self.shared is not None:
             nn.init.zeros_(self.shared.weight)
             nn.init.zeros_(self.shared.bias)
@@ -156,7 +169,9 @@ class RouteT2IModel(nn.Module):
         scores = torch.einsum("bnekr,erh->bnekh", low_rank, self.scoring)
         contrast = torch.sigmoid(scores[0] - scores[1] if self.config.dual_gate else scores[0])
         pooled = self.dropout(torch.einsum("nekh,nek->neh", contrast, weights))
-        logits: torch.Tensor = (pooled * self.head_weight).sum(-1) + self.head_bias
+        heads = self.head_weight.view(self.n_targets, e, -1)
+        logits: torch.Tensor = (pooled.unsqueeze(1) * heads).sum(-1).reshape(n, -1)
+        logits = logits + self.head_bias
         if self.shared is not None:
             real = mask.unsqueeze(-1).to(states.dtype)
             mean = (states * real).sum(1) / real.sum(1).clamp_min(1.0)
@@ -164,13 +179,21 @@ class RouteT2IModel(nn.Module):
         return logits
 
     def prs(self, logits: torch.Tensor) -> torch.Tensor:
-        """PRS = sum_i w_i D_i, or the single expert's output when it predicts PRS directly."""
-        return prs_of(torch.sigmoid(logits), self.config.multi_metric, self.prs_weights)
+        """PRS = sum_i w_i D_i per target tier (n, targets), or the single expert's output
+        when it predicts PRS directly."""
+        return prs_of(
+            torch.sigmoid(logits), self.config.multi_metric, self.prs_weights, self.n_targets
+        )
 
 
-def prs_of(distance: torch.Tensor, multi_metric: bool, weights: torch.Tensor) -> torch.Tensor:
-    """Predicted D (n, experts) -> PRS (n,)."""
-    return (distance @ weights).clamp(0.0, 1.0) if multi_metric else distance[:, 0]
+def prs_of(
+    distance: torch.Tensor, multi_metric: bool, weights: torch.Tensor, n_targets: int = 1
+) -> torch.Tensor:
+    """Predicted D (n, targets * experts) -> PRS (n, targets)."""
+    n = distance.shape[0]
+    per_target = distance.reshape(n * n_targets, distance.shape[1] // n_targets)
+    prs = (per_target @ weights).clamp(0.0, 1.0) if multi_metric else per_target[:, 0]
+    return prs.reshape(n, n_targets)
 
 
 def pairwise_rank_loss(prs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -192,24 +215,29 @@ class RouteT2IEnsemble(nn.Module):
     and batch order; averaging a few members removes most of that variance at a linear cost.
     """
 
-    def __init__(self, config: RouteT2IConfig, prs_weights: Sequence[float]) -> None:
+    def __init__(
+        self, config: RouteT2IConfig, prs_weights: Sequence[float], n_targets: int = 1
+    ) -> None:
         super().__init__()
         if config.ensemble < 1:
             raise ValueError(f"ensemble must be at least 1, got {config.ensemble}")
         self.config = config
+        self.n_targets = n_targets
         self.members = nn.ModuleList(
-            RouteT2IModel(config, prs_weights) for _ in range(config.ensemble)
+            RouteT2IModel(config, prs_weights, n_targets) for _ in range(config.ensemble)
         )
 
     def models(self) -> list[RouteT2IModel]:
         return [m for m in self.members if isinstance(m, RouteT2IModel)]
 
     def distance(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Predicted D_i (n, experts): the members' mean."""
+        """Predicted D_i (n, targets * experts): the members' mean."""
         return torch.stack([torch.sigmoid(m(states, mask)) for m in self.models()]).mean(0)
 
     def prs(self, distance: torch.Tensor) -> torch.Tensor:
-        return prs_of(distance, self.config.multi_metric, self.models()[0].prs_weights)
+        """PRS per target tier (n, targets)."""
+        weights = self.models()[0].prs_weights
+        return prs_of(distance, self.config.multi_metric, weights, self.n_targets)
 
 
 @functools.cache
@@ -227,7 +255,9 @@ def _batches(n: int, size: int, generator: torch.Generator | None = None) -> Ite
 
 
 class RouteT2IRouter:
-    """The RouteT2I method behind the ``PersistentRouter`` interface."""
+    """The RouteT2I method behind the ``PersistentRouter`` interface (a pair: ``predict_prs``)
+    and the ``PoolRouter`` one (any pool: ``predict_quality``, the superiority of each tier
+    over the reference tier)."""
 
     kind = "routet2i"
 
@@ -247,8 +277,17 @@ class RouteT2IRouter:
             self.config = dataclasses.replace(self.config, encoder_layer=encoder.layer)
         self._encoder = encoder
         self.model: RouteT2IEnsemble | None = None
-        self.prs_params: PRSParams | None = None
+        # Label parameters of the reference tier against each other tier, in tier order.
+        self.tier_params: tuple[PRSParams, ...] = ()
+        self.tiers: tuple[str, ...] = PAIR_TIERS
         self.metrics: tuple[str, ...] = ()
+
+    @property
+    def prs_params(self) -> PRSParams | None:
+        """The label parameters of a pair router (None before fitting)."""
+        if len(self.tier_params) > 1:
+            raise ValueError(f"{self.name} routes a pool of {len(self.tiers)} tiers, not a pair")
+        return self.tier_params[0] if self.tier_params else None
 
     @property
     def name(self) -> str:
@@ -272,28 +311,38 @@ class RouteT2IRouter:
             )
         return self._encoder
 
-    def fit(self, train: PairTable) -> None:
-        """Train on the pairs of ``train``: labels D_i and PRS under its own tier means."""
+    def fit(self, train: PairTable | PoolTable) -> None:
+        """Train on ``train``: labels D_i and PRS of the reference tier against every other
+        tier, each pair under its own tier means on ``train``."""
         if len(train) == 0:
             raise ValueError("cannot fit on an empty table")
-        params = PRSParams.fit(train, gamma=self.config.gamma, weights=self.config.weights)
-        distance, target_prs = params.labels(train)
+        pool = as_pool(train)
+        reference = pool.tiers[0]
+        pairs = (
+            [train]
+            if isinstance(train, PairTable)
+            else [pool.pair(reference, tier) for tier in pool.tiers[1:]]
+        )
+        c = self.config
+        all_params = tuple(PRSParams.fit(p, gamma=c.gamma, weights=c.weights) for p in pairs)
+        labels = [params.labels(p) for params, p in zip(all_params, pairs, strict=True)]
         config = dataclasses.replace(
             self.config, n_metrics=len(train.metrics), hidden=self.encoder.dim
         )
         states, mask = self.encoder.token_states(train.prompts)
-        targets = torch.tensor(distance, dtype=torch.float32)
-        target_prs_t = torch.tensor(target_prs, dtype=torch.float32)
+        targets = torch.tensor(np.concatenate([d for d, _ in labels], axis=1), dtype=torch.float32)
+        target_prs_t = torch.tensor(np.stack([p for _, p in labels], axis=1), dtype=torch.float32)
+        n_targets = len(pairs)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            model = RouteT2IEnsemble(config, params.weights)
+            model = RouteT2IEnsemble(config, all_params[0].weights, n_targets)
             epochs = self._progress(range(config.epochs * config.ensemble))
             for number, member in enumerate(model.models()):
                 generator = torch.Generator().manual_seed(config.seed * 7919 + number)
                 for _ in self._train(member, states, mask, targets, target_prs_t, generator):
                     next(epochs, None)
-        self.config, self.model, self.prs_params = config, model.eval(), params
-        self.metrics = train.metrics
+        self.config, self.model, self.tier_params = config, model.eval(), all_params
+        self.tiers, self.metrics = pool.tiers, train.metrics
 
     @staticmethod
     def _train(
@@ -304,7 +353,8 @@ class RouteT2IRouter:
         target_prs: torch.Tensor,
         generator: torch.Generator,
     ) -> Iterator[float]:
-        """AdamW with a cosine schedule; yields the mean training loss after every epoch."""
+        """AdamW with a cosine schedule; yields the mean training loss after every epoch.
+        ``targets`` are D (n, targets * experts), ``target_prs`` PRS (n, targets)."""
         c = model.config
         optimiser = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         steps = c.epochs * math.ceil(len(states) / c.batch_size)
@@ -320,9 +370,11 @@ class RouteT2IRouter:
                 if c.multi_metric:
                     loss = loss + F.binary_cross_entropy_with_logits(logits, targets[batch])
                 if c.rank_loss > 0:
-                    loss = loss + c.rank_loss * pairwise_rank_loss(
-                        model.prs(logits), target_prs[batch]
+                    prs, target = model.prs(logits), target_prs[batch]
+                    rank = sum(
+                        pairwise_rank_loss(prs[:, t], target[:, t]) for t in range(prs.shape[1])
                     )
+                    loss = loss + c.rank_loss * rank / prs.shape[1]
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
@@ -351,14 +403,31 @@ class RouteT2IRouter:
             states, mask = self.encoder.token_states(prompts[start : start + PREDICT_BATCH])
             chunks.append(model.distance(states, mask))
         experts = self.config.n_metrics if self.config.multi_metric else 1
-        return torch.cat(chunks) if chunks else torch.zeros(0, experts)
+        return torch.cat(chunks) if chunks else torch.zeros(0, model.n_targets * experts)
 
-    def predict_with_metrics(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted PRS (n,) and D_i (n, m) from one forward pass; with ``multi_metric`` off
-        the single column of D is the PRS itself."""
+    def predict_tiers(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted PRS of the reference tier against every other tier (n, tiers - 1) and
+        D_i (n, tiers - 1, m), from one forward pass."""
         distance = self._distance(prompts)
         prs: np.ndarray = self._fitted().prs(distance).numpy().astype(np.float64)
-        return prs, distance.numpy().astype(np.float64)
+        experts = distance.shape[1] // prs.shape[1]
+        per_tier = distance.numpy().astype(np.float64).reshape(len(prompts), prs.shape[1], experts)
+        return prs, per_tier
+
+    def predict_quality(self, prompts: Sequence[str]) -> np.ndarray:
+        """The superiority of each tier over the reference tier (n, tiers): 1/2 for the
+        reference itself, 1 - PRS for the others (PRS > 1/2: the reference is better). With
+        two tiers the policy's cloud-if-(1 - PRS) - lambda * dc > 1/2 is PRS < alpha."""
+        prs = self.predict_tiers(prompts)[0]
+        return np.concatenate([np.full((len(prs), 1), 0.5), 1.0 - prs], axis=1)
+
+    def predict_with_metrics(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted PRS (n,) and D_i (n, m) of a pair router from one forward pass; with
+        ``multi_metric`` off the single column of D is the PRS itself."""
+        if len(self.tiers) != 2:
+            raise ValueError(f"{self.name} routes a pool of {len(self.tiers)} tiers, not a pair")
+        prs, distance = self.predict_tiers(prompts)
+        return prs[:, 0], distance[:, 0]
 
     def predict_prs(self, prompts: Sequence[str]) -> np.ndarray:
         """Predicted PRS in (0, 1) per prompt: below 1/2 the cloud image is expected better."""
@@ -369,13 +438,16 @@ class RouteT2IRouter:
         return self.predict_with_metrics(prompts)[1]
 
     def _document(self) -> dict[str, Any]:
-        if self.prs_params is None:
+        if not self.tier_params:
             raise RuntimeError(f"{self.name} is not fitted; call fit() or load() first")
-        return {
-            "config": self.config.to_dict(),
-            "prs": self.prs_params.to_dict(),
-            "metrics": list(self.metrics),
-        }
+        document: dict[str, Any] = {"config": self.config.to_dict(), "metrics": list(self.metrics)}
+        if self.tiers == PAIR_TIERS:
+            # A pair router's document (and so its version) is what it was before pools.
+            document["prs"] = self.tier_params[0].to_dict()
+        else:
+            document["prs"] = [params.to_dict() for params in self.tier_params]
+            document["tiers"] = list(self.tiers)
+        return document
 
     @property
     def version(self) -> str:
@@ -403,9 +475,15 @@ class RouteT2IRouter:
                 f"the given encoder reads layer {encoder.layer}"
             )
         router = cls(config, encoder)
-        router.prs_params = PRSParams.from_dict(document["prs"])
+        prs = document["prs"]
+        router.tier_params = tuple(
+            PRSParams.from_dict(p) for p in (prs if isinstance(prs, list) else [prs])
+        )
+        router.tiers = tuple(document.get("tiers", PAIR_TIERS))
         router.metrics = tuple(document["metrics"])
-        model = RouteT2IEnsemble(router.config, router.prs_params.weights)
+        model = RouteT2IEnsemble(
+            router.config, router.tier_params[0].weights, len(router.tier_params)
+        )
         model.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)))
         router.model = model.eval()
         return router

@@ -1,5 +1,6 @@
-"""The two shapes every router and the harness share: a table of labelled pairs and the
-router interface (after RouteLLM: a router scores a prompt; a threshold makes the choice)."""
+"""The shapes every router and the harness share: tables of labelled prompts (a pair of tiers,
+or a pool of any number) and the router interfaces (after RouteLLM: a router scores a prompt;
+a policy makes the choice)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,96 @@ class PairTable:
             cloud=self.cloud[idx],
             metrics=self.metrics,
         )
+
+    def pool(self) -> PoolTable:
+        """The same table as a two-tier pool ("edge", "cloud"); edge is the reference."""
+        return PoolTable(
+            prompts=self.prompts,
+            quality=np.stack([self.edge, self.cloud], axis=1),
+            tiers=PAIR_TIERS,
+            metrics=self.metrics,
+        )
+
+
+PAIR_TIERS = ("edge", "cloud")
+
+
+@dataclass(frozen=True)
+class PoolTable:
+    """Prompts with the quality of every tier's image on each metric.
+
+    ``quality`` has shape (n_prompts, n_tiers, n_metrics). Tier 0 is the reference tier (the
+    cheapest of the pool, the edge of a pair) against which RouteT2I measures superiority. A
+    ``PairTable`` is the two-tier case (``PairTable.pool``, ``PoolTable.pair``).
+    """
+
+    prompts: tuple[str, ...]
+    quality: np.ndarray
+    tiers: tuple[str, ...]
+    metrics: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        shape = (len(self.prompts), len(self.tiers), len(self.metrics))
+        if self.quality.shape != shape:
+            raise ValueError(f"quality has shape {self.quality.shape}, expected {shape}")
+        if len(self.tiers) < 2 or len(set(self.tiers)) != len(self.tiers):
+            raise ValueError(f"a pool needs two or more distinct tiers, got {self.tiers}")
+        if not np.all(np.isfinite(self.quality)):
+            raise ValueError("quality holds non-finite values")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, index: Sequence[int] | np.ndarray) -> PoolTable:
+        idx = np.asarray(index, dtype=np.int64)
+        return PoolTable(
+            prompts=tuple(self.prompts[i] for i in idx),
+            quality=self.quality[idx],
+            tiers=self.tiers,
+            metrics=self.metrics,
+        )
+
+    def tier_index(self, tier: str) -> int:
+        try:
+            return self.tiers.index(tier)
+        except ValueError:
+            raise ValueError(f"unknown tier {tier!r}; known: {', '.join(self.tiers)}") from None
+
+    def pair(self, edge: str, cloud: str) -> PairTable:
+        """Two tiers of the pool as an edge/cloud pair table."""
+        if edge == cloud:
+            raise ValueError(f"edge and cloud are the same tier {edge!r}")
+        return PairTable(
+            prompts=self.prompts,
+            edge=self.quality[:, self.tier_index(edge)],
+            cloud=self.quality[:, self.tier_index(cloud)],
+            metrics=self.metrics,
+        )
+
+    def select(self, tiers: Sequence[str]) -> PoolTable:
+        """A sub-pool of the named tiers, in the given order (the first is the reference)."""
+        idx = [self.tier_index(t) for t in tiers]
+        return PoolTable(self.prompts, self.quality[:, idx], tuple(tiers), self.metrics)
+
+
+def as_pool(table: PairTable | PoolTable) -> PoolTable:
+    return table.pool() if isinstance(table, PairTable) else table
+
+
+@runtime_checkable
+class PoolRouter(Protocol):
+    """Predicts, per prompt and before any image exists, a score for every tier of the pool in
+    one batched call: higher is better, in units comparable across tiers (a quality estimate,
+    or a superiority against the reference tier). The policy (``routing.policy``) trades it
+    against cost; the columns follow the ``tiers`` of the table the router was fitted on.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    def fit(self, train: PoolTable) -> None: ...
+
+    def predict_quality(self, prompts: Sequence[str]) -> np.ndarray: ...
 
 
 @runtime_checkable

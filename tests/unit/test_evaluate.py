@@ -29,10 +29,11 @@ from routing.evaluate import (
     score_routing,
     summarise,
 )
+from routing.reports import summary_markdown
 from routing.types import PairTable, Router
 from tests.unit.test_baselines import hard_mask, word_table
 from tests.unit.tiny_text_encoder import build_tiny_encoder
-from workers.eval_cli import eval_app, summary_markdown
+from workers.eval_cli import eval_app
 
 
 def test_cumulative_gain_follows_the_ranking() -> None:

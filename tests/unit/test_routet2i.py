@@ -154,7 +154,7 @@ def test_training_lowers_the_loss(tiny: FrozenTextEncoder, train: PairTable) -> 
             states,
             mask,
             torch.tensor(distance, dtype=torch.float32),
-            torch.tensor(prs, dtype=torch.float32),
+            torch.tensor(prs[:, None], dtype=torch.float32),
             torch.Generator().manual_seed(0),
         )
     )
@@ -202,8 +202,8 @@ def test_save_and_load_give_the_same_router(
 
 def test_version_follows_the_weights(router: RouteT2IRouter, tiny: FrozenTextEncoder) -> None:
     copy = RouteT2IRouter(router.config, encoder=tiny)
-    copy.prs_params, copy.metrics = router.prs_params, router.metrics
-    copy.model = RouteT2IEnsemble(router.config, router.prs_params.weights)  # type: ignore[union-attr]
+    copy.tier_params, copy.metrics = router.tier_params, router.metrics
+    copy.model = RouteT2IEnsemble(router.config, router.tier_params[0].weights)
     copy.model.load_state_dict(router._fitted().state_dict())
     assert copy.version == router.version
     with torch.no_grad():
