@@ -1,4 +1,5 @@
-"""Quick held-out check of RouteT2I against the prompt-length baseline on GenAI-Bench.
+"""Quick held-out check of RouteT2I against a baseline (prompt length unless ``--baseline``
+names another pair router of ``routing.registry``) on GenAI-Bench.
 
 Delta P@50%: route the half of each held-out fold with the lowest predicted PRS to the cloud;
 the gain in mean quality over edge-only, as a percentage of the cloud-only gain. Ties at the
@@ -20,9 +21,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from routing.baselines import PromptLengthRouter
 from routing.data import load_genai_bench, scalar_quality
-from routing.routet2i import RouteT2IConfig, RouteT2IRouter
+from routing.registry import PAIR_ROUTERS, BuildContext, build_router
+from routing.routet2i import RouteT2IConfig
 from routing.types import PairTable, Router
 
 
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", nargs="*", default=[], help="RouteT2IConfig overrides k=v")
+    parser.add_argument("--baseline", default="prompt_length", choices=PAIR_ROUTERS)
     parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -93,10 +95,14 @@ def main() -> None:
     print(f"config: {config}")
 
     routers: dict[str, Callable[[int], Router]] = {
-        "routet2i": lambda seed: RouteT2IRouter(config, seed=seed),
+        "routet2i": lambda seed: build_router(
+            "routet2i", BuildContext(seed=seed, routet2i_config=config)
+        ),
     }
     if not args.skip_baseline:
-        routers["prompt_length"] = lambda seed: PromptLengthRouter()
+        routers[args.baseline] = lambda seed: build_router(
+            args.baseline, BuildContext(seed=seed, test=table)
+        )
     results = {}
     for name, make in routers.items():
         began = time.perf_counter()
@@ -105,10 +111,10 @@ def main() -> None:
             f"{name:15s} Delta P@{args.share:.0%} = {summary(results[name])}"
             f"  [{time.perf_counter() - began:.0f} s]"
         )
-    if "prompt_length" in results:
-        paired = [a - b for a, b in zip(results["routet2i"], results["prompt_length"], strict=True)]
+    if args.baseline in results:
+        paired = [a - b for a, b in zip(results["routet2i"], results[args.baseline], strict=True)]
         wins = sum(d > 0 for d in paired)
-        print(f"routet2i - prompt_length, paired over folds: {summary(paired)}, ", end="")
+        print(f"routet2i - {args.baseline}, paired over folds: {summary(paired)}, ", end="")
         print(f"ahead on {wins} of {len(paired)} folds")
 
 

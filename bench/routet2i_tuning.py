@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import time
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -26,7 +27,8 @@ from routing.evaluate import (
     summarise,
 )
 from routing.experiments import encodings, genai_bench_experiments
-from routing.routet2i import RouteT2IRouter
+from routing.registry import PAIR_ROUTERS, BuildContext, build_router
+from routing.routet2i import RouteT2IConfig
 from routing.types import Router
 
 DEV_PAIRS = "SDXL_2_1:DALLE_3,SDXL_Turbo:Midjourney_6"
@@ -45,7 +47,11 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variant", action="append", default=[], help="name:key=value,...")
-    parser.add_argument("--baselines", default="sw_ranking,prompt_length")
+    parser.add_argument(
+        "--baselines",
+        default="sw_ranking,prompt_length",
+        help=f"comma-separated pair routers of the registry: {', '.join(PAIR_ROUTERS)}",
+    )
     parser.add_argument("--seeds", default=",".join(map(str, DEV_SEEDS)))
     parser.add_argument("--pairs", default=DEV_PAIRS, help="EDGE:CLOUD,...")
     parser.add_argument("--cross", default="", help="TRAIN_E:TRAIN_C/TEST_E:TEST_C,...")
@@ -58,8 +64,10 @@ def main() -> None:
     for text in args.variant:
         name, overrides = parse_variant(text)
 
-        def make(c: FoldContext, overrides: dict[str, Any] = overrides) -> Router:
-            return cast(Router, RouteT2IRouter(base, seed=c.seed, **overrides))
+        config = dataclasses.replace(base, **overrides)
+
+        def make(c: FoldContext, config: RouteT2IConfig = config) -> Router:
+            return build_router("routet2i", BuildContext(c.seed, shared, config, c.test))
 
         factories[name] = make
     experiments = genai_bench_experiments(args.pairs, args.cross)

@@ -96,6 +96,7 @@ class FrozenTextEncoder:
         layer: int = -1,
     ) -> None:
         self.path = str(path_or_id if path_or_id is not None else default_encoder_path())
+        self.revision = revision
         self.max_length = max_length
         self.device = torch.device(device)
         self.batch_size = batch_size

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from routing.data import scalar_quality
+from routing.registry import PAIR_ROUTERS, BuildContext, build_router
 from routing.types import PairTable, Router
 
 if TYPE_CHECKING:
@@ -342,63 +343,24 @@ class SharedEncoding:
         return self._top_layer
 
 
-def _learned(
-    name: str, shared: SharedEncoding, routet2i_config: RouteT2IConfig | None
-) -> RouterFactory:
-    from routing import embedding_baselines as emb
-
-    def bert(c: FoldContext) -> Router:
-        from routing.bert_router import BertClassifierRouter
-
-        return BertClassifierRouter(shared.encoder, inputs=shared.top_layer, seed=c.seed)
-
-    def routet2i(c: FoldContext) -> Router:
-        from routing.routet2i import RouteT2IRouter
-
-        # Its ``name`` is a read-only property, which the Router protocol's plain attribute
-        # does not admit to mypy although it satisfies the protocol at run time.
-        # Its own encoder layer (routing.routet2i.shared_encoder keeps one memo per process).
-        return cast(Router, RouteT2IRouter(routet2i_config, seed=c.seed))
-
-    factories: dict[str, RouterFactory] = {
-        "bert_classifier": bert,
-        "sw_ranking": lambda c: emb.SimilarityRankingRouter(shared.pooled),
-        "matrix_factorisation": lambda c: emb.MatrixFactorisationRouter(shared.pooled, seed=c.seed),
-        "zooter": lambda c: emb.ZooterRouter(shared.pooled, seed=c.seed),
-        "routet2i": routet2i,
-    }
-    return factories[name]
-
-
-def _heuristic(name: str) -> RouterFactory:
-    from routing import baselines
-
-    factories: dict[str, RouterFactory] = {
-        "random": lambda c: baselines.RandomRouter(seed=c.seed),
-        "prompt_length": lambda c: baselines.PromptLengthRouter(),
-        "noun_count": lambda c: baselines.NounCountRouter(),
-        "oracle": lambda c: baselines.OracleRouter(c.test),
-    }
-    return factories[name]
-
-
-HEURISTIC_ROUTERS = ("random", "prompt_length", "noun_count", "oracle")
-LEARNED_ROUTERS = ("bert_classifier", "sw_ranking", "matrix_factorisation", "zooter", "routet2i")
-ROUTERS: tuple[str, ...] = (*HEURISTIC_ROUTERS[:3], *LEARNED_ROUTERS, "oracle")
-
-
 def router_factories(
-    names: Sequence[str] = ROUTERS,
+    names: Sequence[str] = PAIR_ROUTERS,
     shared: SharedEncoding | None = None,
     routet2i_config: RouteT2IConfig | None = None,
 ) -> dict[str, RouterFactory]:
-    """Factories for the named routers; the learned baselines share one ``SharedEncoding``,
-    and RouteT2I is built from ``routet2i_config`` (its defaults when None), seeded per fold."""
-    unknown = [n for n in names if n not in ROUTERS]
+    """Factories for the named pair routers of ``routing.registry``, built fresh per fold under
+    the fold's seed; the learned routers share one ``SharedEncoding``, and RouteT2I is built
+    from ``routet2i_config`` (its defaults when None)."""
+    unknown = [n for n in names if n not in PAIR_ROUTERS]
     if unknown:
-        raise ValueError(f"unknown routers {unknown}; known: {', '.join(ROUTERS)}")
+        raise ValueError(f"unknown routers {unknown}; known: {', '.join(PAIR_ROUTERS)}")
     shared = shared if shared is not None else SharedEncoding()
-    return {
-        n: _heuristic(n) if n in HEURISTIC_ROUTERS else _learned(n, shared, routet2i_config)
-        for n in names
-    }
+
+    def factory(name: str) -> RouterFactory:
+        def build(c: FoldContext) -> Router:
+            context = BuildContext(c.seed, shared, routet2i_config, c.test)
+            return build_router(name, context)
+
+        return build
+
+    return {n: factory(n) for n in names}

@@ -10,8 +10,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from routing.evaluate import ROUTERS, Experiment, SharedEncoding
+from routing.evaluate import Experiment, SharedEncoding
 from routing.pool_evaluate import PoolExperiment
+from routing.registry import PAIR_ROUTERS
 from routing.reports import REFERENCE_ROUTER
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ def _known_pool(name: str) -> tuple[str, ...]:
 
 
 def encodings(
-    encoder: str | None, layer: int | None, routers: Sequence[str] = ROUTERS
+    encoder: str | None, layer: int | None, routers: Sequence[str] = PAIR_ROUTERS
 ) -> tuple[SharedEncoding, RouteT2IConfig]:
     """The baselines' shared encoding and RouteT2I's config for a chosen encoder and layer.
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from routing.data import pool_scalar_quality
 from routing.evaluate import SharedEncoding, _mean_std, kfold_indices
 from routing.policy import check_costs, routed_mix
+from routing.registry import POOL_ROUTERS, BuildContext, build_pool_router
 from routing.types import PoolRouter, PoolTable
 
 if TYPE_CHECKING:
@@ -248,44 +249,22 @@ def summarise_pool(
     return summaries
 
 
-POOL_ROUTERS: tuple[str, ...] = (
-    "random",
-    "prompt_length",
-    "knn",
-    "ridge",
-    "tfidf_ridge",
-    "matrix_factorisation",
-    "routet2i",
-    "oracle",
-)
-
-
 def pool_router_factories(
     names: Sequence[str] = POOL_ROUTERS,
     shared: SharedEncoding | None = None,
     routet2i_config: RouteT2IConfig | None = None,
 ) -> dict[str, PoolRouterFactory]:
-    """Factories for the named pool routers; the embedding routers share one encoding."""
-    from routing import pool_baselines as pb
-
+    """Factories for the named pool routers of ``routing.registry``, built fresh per fold;
+    the embedding routers share one encoding."""
     unknown = [n for n in names if n not in POOL_ROUTERS]
     if unknown:
         raise ValueError(f"unknown pool routers {unknown}; known: {', '.join(POOL_ROUTERS)}")
     enc = shared if shared is not None else SharedEncoding()
 
-    def routet2i(c: PoolFoldContext) -> PoolRouter:
-        from routing.routet2i import RouteT2IRouter
+    def factory(name: str) -> PoolRouterFactory:
+        def build(c: PoolFoldContext) -> PoolRouter:
+            return build_pool_router(name, BuildContext(c.seed, enc, routet2i_config, c.test))
 
-        return cast(PoolRouter, RouteT2IRouter(routet2i_config, seed=c.seed))
+        return build
 
-    factories: dict[str, PoolRouterFactory] = {
-        "random": lambda c: pb.RandomPoolRouter(seed=c.seed),
-        "prompt_length": lambda c: pb.PromptLengthPoolRouter(),
-        "knn": lambda c: pb.KnnQualityRouter(enc.pooled),
-        "ridge": lambda c: pb.RidgeQualityRouter(enc.pooled),
-        "tfidf_ridge": lambda c: pb.TfidfRidgeRouter(),
-        "matrix_factorisation": lambda c: pb.MatrixFactorisationPoolRouter(enc.pooled, seed=c.seed),
-        "routet2i": routet2i,
-        "oracle": lambda c: pb.OraclePoolRouter(c.test),
-    }
-    return {n: factories[n] for n in names}
+    return {n: factory(n) for n in names}

@@ -166,3 +166,13 @@ class PersistentRouter(Router, Protocol):
 
     @classmethod
     def load(cls, path: Path) -> Self: ...
+
+
+@runtime_checkable
+class PersistentPoolRouter(PoolRouter, Protocol):
+    """A pool router that can be saved to a directory and loaded back by ``routing.registry``."""
+
+    def save(self, path: Path) -> None: ...
+
+    @classmethod
+    def load(cls, path: Path) -> Self: ...

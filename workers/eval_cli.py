@@ -26,7 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from routing.evaluate import GAIN_TARGETS, ROUTERS, Experiment, Summary
+from routing.evaluate import GAIN_TARGETS, Experiment, Summary
 from routing.experiments import (
     GENAI_COSTS,
     GENAI_CROSS,
@@ -39,7 +39,7 @@ from routing.experiments import (
     parse_pools,
     split_list,
 )
-from routing.pool_evaluate import POOL_ROUTERS
+from routing.registry import PAIR_ROUTERS, POOL_ROUTERS
 from routing.reports import fmt, write_reports
 
 eval_app = typer.Typer(
@@ -48,7 +48,7 @@ eval_app = typer.Typer(
 console = Console()
 
 RoutersOption = Annotated[
-    str, typer.Option(help=f"Comma-separated routers; known: {', '.join(ROUTERS)}.")
+    str, typer.Option(help=f"Comma-separated routers; known: {', '.join(PAIR_ROUTERS)}.")
 ]
 SeedsOption = Annotated[int, typer.Option(min=1, help="Repetitions of the k-fold split.")]
 FoldsOption = Annotated[int, typer.Option(min=2, help="Folds per split.")]
@@ -90,7 +90,7 @@ def genai_bench(
             "TEST_CLOUD (same folds, so test prompts stay unseen); empty for none."
         ),
     ] = ",".join(GENAI_CROSS),
-    routers: RoutersOption = ",".join(ROUTERS),
+    routers: RoutersOption = ",".join(PAIR_ROUTERS),
     seeds: SeedsOption = 5,
     folds: FoldsOption = 5,
     data: Annotated[
@@ -116,7 +116,7 @@ def table(
         Path | None,
         typer.Option(help="Cross-pair: test on this table's labels (same prompts, same order)."),
     ] = None,
-    routers: RoutersOption = ",".join(ROUTERS),
+    routers: RoutersOption = ",".join(PAIR_ROUTERS),
     seeds: SeedsOption = 5,
     folds: FoldsOption = 5,
     out: OutOption = Path("reports/table"),

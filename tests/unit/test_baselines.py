@@ -25,7 +25,7 @@ from routing.embedding_baselines import (
     ZooterRouter,
 )
 from routing.encoder import FrozenTextEncoder
-from routing.registry import load_router, save_router
+from routing.registry import load_pair_router, save_router
 from routing.types import PairTable, Router
 from tests.unit.tiny_text_encoder import build_tiny_encoder
 
@@ -69,7 +69,9 @@ def test_random_router_is_reproducible_per_prompt(tmp_path: Path) -> None:
     assert not np.allclose(RandomRouter(seed=4).predict_prs(prompts), scores)
     assert scores.min() >= 0.0 and scores.max() < 1.0 and abs(scores.mean() - 0.5) < 0.1
     save_router(router, tmp_path / "random")
-    np.testing.assert_array_equal(load_router(tmp_path / "random").predict_prs(prompts), scores)
+    np.testing.assert_array_equal(
+        load_pair_router(tmp_path / "random").predict_prs(prompts), scores
+    )
 
 
 def test_prompt_length_sends_longer_prompts_to_cloud(tmp_path: Path) -> None:
@@ -85,7 +87,7 @@ def test_prompt_length_sends_longer_prompts_to_cloud(tmp_path: Path) -> None:
     short, middle, long = router.predict_prs(["a cat", "a red cat here", "a b c d e f g h"])
     assert short > middle == 0.5 > long
     save_router(router, tmp_path / "length")
-    assert load_router(tmp_path / "length").predict_prs(["a cat"])[0] == short
+    assert load_pair_router(tmp_path / "length").predict_prs(["a cat"])[0] == short
 
 
 def test_noun_count_uses_the_spacy_tagger(tmp_path: Path) -> None:
@@ -95,7 +97,7 @@ def test_noun_count_uses_the_spacy_tagger(tmp_path: Path) -> None:
     few, many = router.predict_prs(["a red cat sits", "three dogs chase a cat near the tower"])
     assert few > 0.5 > many
     save_router(router, tmp_path / "nouns")
-    assert load_router(tmp_path / "nouns").predict_prs(["a red cat sits"])[0] == few
+    assert load_pair_router(tmp_path / "nouns").predict_prs(["a red cat sits"])[0] == few
 
 
 def test_oracle_ranks_by_true_gain() -> None:

@@ -13,7 +13,7 @@ import torch
 from routing.calibrate import calibrate_alpha, route_to_cloud
 from routing.encoder import FrozenTextEncoder
 from routing.prs import PRSParams
-from routing.registry import load_router, save_router
+from routing.registry import load_pair_router, load_router, save_router
 from routing.routet2i import (
     RouteT2IConfig,
     RouteT2IEnsemble,
@@ -244,7 +244,7 @@ def test_real_minilm_router_runs_end_to_end(tmp_path: Path) -> None:
     prs = router.predict_prs(table.prompts[:3])
     assert prs.shape == (3,) and np.all((prs > 0) & (prs < 1))
     save_router(router, tmp_path)
-    np.testing.assert_array_equal(load_router(tmp_path).predict_prs(table.prompts[:3]), prs)
+    np.testing.assert_array_equal(load_pair_router(tmp_path).predict_prs(table.prompts[:3]), prs)
 
 
 def test_router_on_the_edge_pipelines_clip_text_encoder(
