@@ -37,7 +37,12 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {dict[str, Any]: JSON, list[float]: JSON}  # noqa: RUF012 (SQLAlchemy API)
+    type_annotation_map = {  # noqa: RUF012 (SQLAlchemy API)
+        dict[str, Any]: JSON,
+        dict[str, float]: JSON,
+        list[float]: JSON,
+        list[str]: JSON,
+    }
 
 
 class Status(enum.StrEnum):
@@ -50,9 +55,12 @@ class Status(enum.StrEnum):
     FAILED = "failed"
 
 
-class Tier(enum.StrEnum):
-    EDGE = "edge"
-    CLOUD = "cloud"
+# A tier is a name from the pool (workers/pool.py), not an enum: pools are configuration.
+TIER_NAME_LENGTH = 32
+
+
+def _tier_column(*, nullable: bool = False) -> Mapped[Any]:
+    return mapped_column(String(TIER_NAME_LENGTH), nullable=nullable)
 
 
 def _string_enum(cls: type[enum.StrEnum], name: str) -> Enum:
@@ -78,7 +86,9 @@ class GenerationRequest(Base):
     prompt: Mapped[str] = mapped_column(Text, nullable=False)
     width: Mapped[int] = mapped_column(Integer, nullable=False)
     height: Mapped[int] = mapped_column(Integer, nullable=False)
-    steps: Mapped[int] = mapped_column(Integer, nullable=False)
+    # None where the caller stated none: the tier's own default then applies (the same model
+    # at another step count is another tier).
+    steps: Mapped[int | None] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(Integer, nullable=False)
     guidance_scale: Mapped[float | None] = mapped_column(Float)
     status: Mapped[Status] = mapped_column(
@@ -101,19 +111,21 @@ class RoutingDecision(Base):
         ForeignKey("generation_requests.id", ondelete="CASCADE"), unique=True, nullable=False
     )
     router_version: Mapped[str] = mapped_column(String(200), nullable=False)
-    predicted_prs: Mapped[float] = mapped_column(Float, nullable=False)
+    # The router's score of every tier (higher is better), and RouteT2I's per-metric D_i.
+    predicted_quality: Mapped[dict[str, float]] = mapped_column(nullable=False)
     predicted_metrics: Mapped[list[float] | None] = mapped_column(JSON)
-    alpha: Mapped[float] = mapped_column(Float, nullable=False)
-    wants_cloud: Mapped[bool] = mapped_column(Boolean, nullable=False)
-    tier: Mapped[Tier] = mapped_column(
-        _string_enum(Tier, "tier"),
-        nullable=False,
-    )
-    explore: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # The policy's lambda: it chose argmax(predicted quality - lambda * cost).
+    tradeoff: Mapped[float] = mapped_column(Float, nullable=False)
+    wanted_tier: Mapped[str] = _tier_column()
+    # The tier that serves the answer; ``explored`` the tiers generated beside it for labels.
+    tier: Mapped[str] = _tier_column()
+    explored: Mapped[list[str]] = mapped_column(nullable=False, default=list)
+    # Cost units the budget keeper charged (above the cheapest tier), and what it said.
+    spent: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
     budget_reason: Mapped[str] = mapped_column(Text, nullable=False)
-    # ``tier`` is the tier that serves the answer; when the chosen one could not (its worker
-    # kept failing, or it was out of service), this says which it was and why.
-    rerouted_from: Mapped[Tier | None] = mapped_column(_string_enum(Tier, "tier"))
+    # When the chosen tier could not serve (its worker kept failing, or it was out of
+    # service), the tier it was and why.
+    rerouted_from: Mapped[str | None] = _tier_column(nullable=True)
     reroute_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _utc_now_column()
 
@@ -125,10 +137,7 @@ class Generation(Base):
     request_id: Mapped[str] = mapped_column(
         ForeignKey("generation_requests.id", ondelete="CASCADE"), nullable=False
     )
-    tier: Mapped[Tier] = mapped_column(
-        _string_enum(Tier, "tier"),
-        nullable=False,
-    )
+    tier: Mapped[str] = _tier_column()
     model: Mapped[str] = mapped_column(String(500), nullable=False)
     image_path: Mapped[str] = mapped_column(String(500), nullable=False)
     latency_ms: Mapped[float] = mapped_column(Float, nullable=False)
@@ -148,10 +157,7 @@ class QualityScore(Base):
     request_id: Mapped[str] = mapped_column(
         ForeignKey("generation_requests.id", ondelete="CASCADE"), nullable=False
     )
-    tier: Mapped[Tier] = mapped_column(
-        _string_enum(Tier, "tier"),
-        nullable=False,
-    )
+    tier: Mapped[str] = _tier_column()
     metrics_version: Mapped[str] = mapped_column(String(32), nullable=False)
     scores: Mapped[dict[str, Any]] = mapped_column(nullable=False)
     mean_score: Mapped[float] = mapped_column(Float, nullable=False)
@@ -161,22 +167,6 @@ class QualityScore(Base):
         UniqueConstraint("generation_id", "metrics_version", name="uq_quality_scores_generation"),
         Index("ix_quality_scores_request", "request_id"),
     )
-
-
-class TrainingPair(Base):
-    """Both tiers' raw metric vectors for one prompt. D_i and PRS depend on the per-tier
-    means, so they are recomputed whenever the router is trained."""
-
-    __tablename__ = "training_pairs"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    request_id: Mapped[str] = mapped_column(
-        ForeignKey("generation_requests.id", ondelete="CASCADE"), unique=True, nullable=False
-    )
-    metrics_version: Mapped[str] = mapped_column(String(32), nullable=False)
-    edge_scores: Mapped[list[float]] = mapped_column(nullable=False)
-    cloud_scores: Mapped[list[float]] = mapped_column(nullable=False)
-    created_at: Mapped[datetime] = _utc_now_column()
 
 
 class StepStatus(enum.StrEnum):

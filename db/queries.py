@@ -23,9 +23,7 @@ from db.models import (
     RoutingDecision,
     Status,
     StepStatus,
-    Tier,
     TierHealth,
-    TrainingPair,
 )
 
 
@@ -339,16 +337,16 @@ def get_decision(
     return session.scalar(statement.with_for_update() if for_update else statement)
 
 
-def get_generation(session: Session, request_id: str, tier: Tier) -> Generation | None:
+def get_generation(session: Session, request_id: str, tier: str) -> Generation | None:
     return session.scalar(
         select(Generation).where(Generation.request_id == request_id, Generation.tier == tier)
     )
 
 
-def wanted_tiers(decision: RoutingDecision) -> tuple[Tier, ...]:
+def wanted_tiers(decision: RoutingDecision) -> tuple[str, ...]:
     """An exploration sample is generated on both tiers; any other request on the tier that
     serves its answer. Only the answer's tier decides when the request is done."""
-    return (Tier.EDGE, Tier.CLOUD) if decision.explore else (decision.tier,)
+    return (decision.tier, *(t for t in decision.explored if t != decision.tier))
 
 
 def generations_of(session: Session, request_id: str) -> list[Generation]:
@@ -359,30 +357,31 @@ def generations_of(session: Session, request_id: str) -> list[Generation]:
     )
 
 
-def mean_quality_of(session: Session, request_id: str) -> dict[Tier, float]:
+def mean_quality_of(session: Session, request_id: str) -> dict[str, float]:
     rows = session.execute(
         select(QualityScore.tier, QualityScore.mean_score).where(
             QualityScore.request_id == request_id
         )
     )
-    return {Tier(tier): float(score) for tier, score in rows}
+    return {tier: float(score) for tier, score in rows}
 
 
-def scored_tiers(
-    session: Session, request_id: str, metrics_version: str
-) -> dict[Tier, list[float]]:
+def scored_tiers(session: Session, request_id: str, metrics_version: str) -> dict[str, list[float]]:
     rows = session.execute(
         select(QualityScore.tier, QualityScore.scores).where(
             QualityScore.request_id == request_id,
             QualityScore.metrics_version == metrics_version,
         )
     )
-    return {Tier(tier): list(scores["values"]) for tier, scores in rows}
+    return {tier: list(scores["values"]) for tier, scores in rows}
 
 
-def recent_predicted_prs(session: Session, window: int, router_version: str) -> list[float]:
+def recent_predictions(
+    session: Session, window: int, router_version: str
+) -> list[dict[str, float]]:
+    """The router's predicted score of every tier, for its most recent decisions."""
     rows = session.scalars(
-        select(RoutingDecision.predicted_prs)
+        select(RoutingDecision.predicted_quality)
         .where(RoutingDecision.router_version == router_version)
         .order_by(RoutingDecision.id.desc())
         .limit(window)
@@ -411,16 +410,34 @@ def promote_router_version(session: Session, version_id: int) -> None:
     )
 
 
-def training_pairs(
+def labelled_prompts(
     session: Session, metrics_version: str
-) -> list[tuple[str, list[float], list[float]]]:
+) -> list[tuple[str, dict[str, list[float]]]]:
+    """Every prompt scored on two or more tiers (the exploration sample), with each tier's
+    metric vector: pairs, or any subset of the pool, are built from these at training time."""
     rows = session.execute(
-        select(GenerationRequest.prompt, TrainingPair.edge_scores, TrainingPair.cloud_scores)
-        .join(GenerationRequest, GenerationRequest.id == TrainingPair.request_id)
-        .where(TrainingPair.metrics_version == metrics_version)
-        .order_by(TrainingPair.id)
+        select(
+            GenerationRequest.id, GenerationRequest.prompt, QualityScore.tier, QualityScore.scores
+        )
+        .join(GenerationRequest, GenerationRequest.id == QualityScore.request_id)
+        .where(QualityScore.metrics_version == metrics_version)
+        .order_by(GenerationRequest.created_at, GenerationRequest.id)
     )
-    return [(prompt, list(edge), list(cloud)) for prompt, edge, cloud in rows]
+    labelled: dict[str, tuple[str, dict[str, list[float]]]] = {}
+    for request_id, prompt, tier, scores in rows:
+        labelled.setdefault(request_id, (prompt, {}))[1][tier] = list(scores["values"])
+    return [entry for entry in labelled.values() if len(entry[1]) >= 2]
+
+
+def training_pairs(
+    session: Session, metrics_version: str, reference: str = "edge", other: str = "cloud"
+) -> list[tuple[str, list[float], list[float]]]:
+    """(prompt, reference tier's metrics, other tier's metrics) of every prompt scored on both."""
+    return [
+        (prompt, tiers[reference], tiers[other])
+        for prompt, tiers in labelled_prompts(session, metrics_version)
+        if reference in tiers and other in tiers
+    ]
 
 
 def status_counts(session: Session) -> dict[str, int]:
@@ -435,15 +452,21 @@ class BatchReport:
     done: int
     failed: int
     unfinished: int
-    cloud_share: float
+    #: Requests answered by each tier, and images generated on each (explorations included:
+    #: what was really spent).
+    answers: dict[str, int]
+    generations: dict[str, int]
     explored: int
     mean_quality: dict[str, float]
-    images: int
     failures: list[str]
+
+    @property
+    def images(self) -> int:
+        return sum(self.generations.values())
 
 
 def batch_report(session: Session, request_ids: Sequence[str]) -> BatchReport:
-    """Outcome of a set of requests: states, routing shares, quality per tier."""
+    """Outcome of a set of requests: states, tiers answered and generated, quality per tier."""
     ids = list(request_ids)
     statuses = {
         rid: Status(status)
@@ -453,25 +476,31 @@ def batch_report(session: Session, request_ids: Sequence[str]) -> BatchReport:
             )
         )
     }
-    tiers = [
-        (Tier(tier), bool(explore))
-        for tier, explore in session.execute(
-            select(RoutingDecision.tier, RoutingDecision.explore).where(
-                RoutingDecision.request_id.in_(ids)
-            )
+    answers: dict[str, int] = {}
+    explored = 0
+    for tier, tiers_explored in session.execute(
+        select(RoutingDecision.tier, RoutingDecision.explored).where(
+            RoutingDecision.request_id.in_(ids)
         )
-    ]
+    ):
+        answers[tier] = answers.get(tier, 0) + 1
+        explored += bool(tiers_explored)
+    generations = {
+        tier: int(n)
+        for tier, n in session.execute(
+            select(Generation.tier, func.count())
+            .where(Generation.request_id.in_(ids))
+            .group_by(Generation.tier)
+        )
+    }
     quality = {
-        Tier(tier).value: float(q)
+        tier: float(q)
         for tier, q in session.execute(
             select(QualityScore.tier, func.avg(QualityScore.mean_score))
             .where(QualityScore.request_id.in_(ids))
             .group_by(QualityScore.tier)
         )
     }
-    images = session.scalar(
-        select(func.count()).select_from(Generation).where(Generation.request_id.in_(ids))
-    )
     failures = [
         f"{rid}: {reason}"
         for rid, reason in session.execute(
@@ -486,9 +515,9 @@ def batch_report(session: Session, request_ids: Sequence[str]) -> BatchReport:
         done=done,
         failed=failed,
         unfinished=len(ids) - done - failed,
-        cloud_share=sum(1 for t, _ in tiers if t == Tier.CLOUD) / len(tiers) if tiers else 0.0,
-        explored=sum(1 for _, e in tiers if e),
+        answers=answers,
+        generations=generations,
+        explored=explored,
         mean_quality=quality,
-        images=int(images or 0),
         failures=failures,
     )

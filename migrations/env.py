@@ -36,10 +36,17 @@ def run_migrations_offline() -> None:
 
 def run_migrations_online() -> None:
     with get_engine(_url()).connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # A batch migration rebuilds a table by dropping it, and with foreign keys on, the
+            # drop of a parent cascades into its children's rows. (sqlite3 sends a PRAGMA
+            # outside any transaction, where it takes effect.)
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
         _configure(connection=connection)
         with context.begin_transaction():
             context.run_migrations()
         connection.commit()
+        if connection.dialect.name == "sqlite":
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
 
 
 if context.is_offline_mode():

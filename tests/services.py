@@ -42,6 +42,7 @@ def celery_worker(
     name: str,
     *,
     env: dict[str, str] | None = None,
+    tiers: str = "",
     pool: str = "solo",
     ready_timeout: float = 120.0,
 ) -> Iterator[subprocess.Popen[bytes]]:
@@ -52,7 +53,7 @@ def celery_worker(
     hostname = f"{name}-{os.getpid()}@test"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            worker_command(queues, hostname=hostname, pool=pool),
+            worker_command(queues, hostname=hostname, tiers=tiers, pool=pool),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

@@ -250,24 +250,29 @@ class BudgetLimits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BudgetLimits:
-        """The two-tier pool of the settings: the cloud share ``cloud_ratio`` and its burst
-        (and the optional cloud generations per second) become amounts of the cloud's extra
-        cost, so the cloud generations over any N decisions stay at most
-        ``cloud_ratio * N + cloud_burst``."""
-        # Exact decimal products of the cloud's extra cost as the keeper prices it, so that
-        # ``cloud_ratio`` 0.3 makes 0.3 cloud generations a request and not a micro-unit less.
-        extra = Decimal(_extra_micro(settings.cloud_cost, settings.edge_cost)) / MICRO
+        """The pool of the settings. ``cloud_ratio`` and ``cloud_burst`` (and the optional
+        ``cloud_rate_per_second``) count images of the pool's dearest tier, priced at its cost
+        above the cheapest: with the two default tiers, the cloud generations over any N
+        decisions stay at most ``cloud_ratio * N + cloud_burst``. ``budget_per_request``
+        states B in cost units directly instead."""
+        pool = settings.pool
+        # Exact decimal products of the dearest tier's extra cost as the keeper prices it, so
+        # that ``cloud_ratio`` 0.3 makes 0.3 such images a request and not a micro-unit less.
+        extra = Decimal(_extra_micro(pool.tiers[-1].cost, pool.cheapest.cost)) / MICRO
 
-        def clouds(count: float) -> float:
+        def dearest_images(count: float) -> float:
             return float(Decimal(repr(count)) * extra)
 
         rate = settings.cloud_rate_per_second
+        per_request = settings.budget_per_request
         return cls(
-            tier_costs={"edge": settings.edge_cost, "cloud": settings.cloud_cost},
-            budget_per_request=clouds(settings.cloud_ratio),
-            burst=clouds(settings.cloud_burst),
-            rate_per_second=None if rate is None else clouds(rate),
-            rate_burst=clouds(settings.cloud_rate_burst),
+            tier_costs=pool.costs(),
+            budget_per_request=dearest_images(settings.cloud_ratio)
+            if per_request is None
+            else per_request,
+            burst=dearest_images(settings.cloud_burst),
+            rate_per_second=None if rate is None else dearest_images(rate),
+            rate_burst=dearest_images(settings.cloud_rate_burst),
             exploration_rate=settings.exploration_rate,
             exploration_burst=settings.exploration_burst,
         )

@@ -3,6 +3,7 @@ configuration here, following DESIGN.md's reliability rules."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
@@ -11,11 +12,11 @@ from celery.signals import task_postrun, task_prerun, worker_process_init, worke
 from db.session import dispose_engines
 from workers.broker import transport_for
 from workers.liveness import mark_busy, mark_idle
+from workers.pool import Pool
 from workers.settings import Settings, get_settings
 
 TASK_ROUTE = "t2iroute.route"
-TASK_GENERATE_EDGE = "t2iroute.generate_edge"
-TASK_GENERATE_CLOUD = "t2iroute.generate_cloud"
+TASK_GENERATE = "t2iroute.generate"
 TASK_SCORE = "t2iroute.score"
 TASK_SWEEP = "t2iroute.sweep"
 TASK_RETRAIN = "t2iroute.retrain"
@@ -36,6 +37,21 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     # Redis redelivers an unacknowledged message only after the visibility timeout, so it
     # must outlast the longest task or a slow task runs twice.
     return {"visibility_timeout": settings.visibility_timeout}
+
+
+class GenerationRoute:
+    """Celery router: a generation goes to the queue of the tier it names (its second
+    argument), so every tier of the pool has its own workers."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.queues = {tier.name: tier.queue_name for tier in pool}
+
+    def __call__(
+        self, name: str, args: Sequence[Any], kwargs: Any, options: Any, **_: Any
+    ) -> dict[str, str] | None:
+        if name != TASK_GENERATE or len(args) < 2 or args[1] not in self.queues:
+            return None
+        return {"queue": self.queues[args[1]]}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -63,14 +79,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.task_time_limit,
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_default_queue": settings.queue_route,
-        "task_routes": {
-            TASK_ROUTE: {"queue": settings.queue_route},
-            TASK_GENERATE_EDGE: {"queue": settings.queue_edge},
-            TASK_GENERATE_CLOUD: {"queue": settings.queue_cloud},
-            TASK_SCORE: {"queue": settings.queue_quality},
-            TASK_SWEEP: {"queue": settings.queue_maintenance},
-            TASK_RETRAIN: {"queue": settings.queue_maintenance},
-        },
+        "task_routes": (
+            {
+                TASK_ROUTE: {"queue": settings.queue_route},
+                TASK_SCORE: {"queue": settings.queue_quality},
+                TASK_SWEEP: {"queue": settings.queue_maintenance},
+                TASK_RETRAIN: {"queue": settings.queue_maintenance},
+            },
+            GenerationRoute(settings.pool),
+        ),
         # A filesystem broker has no fanout exchange for remote control (pidbox).
         "worker_enable_remote_control": not settings.broker_url.startswith("filesystem"),
         "worker_send_task_events": settings.task_events,

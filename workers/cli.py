@@ -58,8 +58,12 @@ def migrate(
 @app.command()
 def worker(
     queues: Annotated[
-        str, typer.Option(help="Comma-separated queues, e.g. route,quality.")
-    ] = "route,edge,cloud,quality,maintenance",
+        str,
+        typer.Option(help="Comma-separated queues by role: route, quality, maintenance, a tier."),
+    ] = "",
+    tiers: Annotated[
+        str, typer.Option(help="Comma-separated tiers of the pool whose generations to run.")
+    ] = "",
     pool: Annotated[str, typer.Option(help="Celery pool; GPU queues want solo.")] = "prefork",
     concurrency: Annotated[int, typer.Option(min=1)] = 1,
     loglevel: Annotated[str, typer.Option()] = "INFO",
@@ -67,9 +71,18 @@ def worker(
 ) -> None:
     """Run a Celery worker on the given queues (a thin wrapper of `celery worker`)."""
     from workers.celery_app import app as celery_app
+    from workers.pool import PoolError
 
     settings = get_settings()
     names = [settings.queues.get(q.strip(), q.strip()) for q in queues.split(",") if q.strip()]
+    if tiers:
+        try:
+            names += [tier.queue_name for tier in settings.pool.select(tiers)]
+        except PoolError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
+    if not queues and not tiers:
+        names = list(settings.queues.values())
     argv = [
         "worker",
         f"--queues={','.join(names)}",
@@ -215,6 +228,10 @@ def demo(
             ),
         ),
     ] = None,
+    three_tiers: Annotated[
+        bool,
+        typer.Option(help="A pool of three tiers: the small model at 1 and 3 steps, the large."),
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every request.")] = 300.0,
 ) -> None:
     """Run the whole flow on tiny models and print a summary."""
@@ -223,7 +240,13 @@ def demo(
 
     _logging("WARNING")
     logging.getLogger("kombu.connection").setLevel(logging.ERROR)
-    summary = run_demo(prompts=prompts, workdir=workdir, embedded=embedded, timeout=timeout)
+    summary = run_demo(
+        prompts=prompts,
+        workdir=workdir,
+        embedded=embedded,
+        three_tiers=three_tiers,
+        timeout=timeout,
+    )
     summary.print(console)
     if summary.report.unfinished:
         raise typer.Exit(1)

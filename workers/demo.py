@@ -6,6 +6,7 @@ servers (and the Redis budget keeper) instead."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,10 +22,12 @@ from rich.table import Table
 
 from db import migrate, queries
 from db.session import session_scope
+from workers.pool import Pool
 from workers.settings import Settings, get_settings
 
 SERVER_VARIABLES = ("T2IROUTE_DATABASE_URL", "T2IROUTE_BROKER_URL")
-WORKER_GROUPS = (("route,quality,maintenance", "router"), ("edge,cloud", "gpu"))
+# (queues, tiers, name): the CPU worker, and one worker for every tier of the pool ("*").
+WORKER_GROUPS = (("route,quality,maintenance", "", "router"), ("", "*", "gpu"))
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,13 @@ class DemoSummary:
         table.add_row(
             "done / failed / unfinished", f"{report.done} / {report.failed} / {report.unfinished}"
         )
-        table.add_row("share routed to cloud", f"{report.cloud_share:.0%}")
-        table.add_row("exploration samples (both tiers)", str(report.explored))
+        answered = sum(report.answers.values()) or 1
+        for tier in sorted(set(report.answers) | set(report.generations)):
+            table.add_row(
+                f"{tier}: answers / images generated",
+                f"{report.answers.get(tier, 0) / answered:.0%} / {report.generations.get(tier, 0)}",
+            )
+        table.add_row("exploration samples (two or more tiers)", str(report.explored))
         for tier, quality in sorted(report.mean_quality.items()):
             table.add_row(f"mean quality, {tier}", f"{quality:.4f}")
         table.add_row("images written", str(report.images))
@@ -65,7 +73,7 @@ def demo_prompts(path: Path | None) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def demo_environment(workdir: Path, embedded: bool) -> dict[str, str]:
+def demo_environment(workdir: Path, embedded: bool, three_tiers: bool = False) -> dict[str, str]:
     """The T2IROUTE_ variables the demo and its workers share. Model paths and stores the
     caller already set win, so real weights can be put in; embedded mode always brings
     its own database, broker and budget keeper."""
@@ -78,6 +86,8 @@ def demo_environment(workdir: Path, embedded: bool) -> dict[str, str]:
         "T2IROUTE_CLIP_MODEL": str(models / "clip"),
         "T2IROUTE_EXPLORATION_RATE": "0.25",
     }
+    if three_tiers:
+        defaults["T2IROUTE_TIERS"] = three_tier_pool(models)
     env = {k: v for k, v in defaults.items() if k not in os.environ}
     if embedded:
         env |= {
@@ -90,7 +100,7 @@ def demo_environment(workdir: Path, embedded: bool) -> dict[str, str]:
     return env
 
 
-def worker_command(queues: str, *, hostname: str, pool: str = "solo") -> list[str]:
+def worker_command(queues: str, *, hostname: str, tiers: str = "", pool: str = "solo") -> list[str]:
     """The command line of one worker process of this installation."""
     return [
         sys.executable,
@@ -98,19 +108,37 @@ def worker_command(queues: str, *, hostname: str, pool: str = "solo") -> list[st
         "workers.cli",
         "worker",
         f"--queues={queues}",
+        f"--tiers={tiers}",
         f"--pool={pool}",
         f"--hostname={hostname}",
         "--loglevel=INFO",
     ]
 
 
-def _start_workers(workdir: Path) -> list[subprocess.Popen[bytes]]:
+def three_tier_pool(models: Path) -> str:
+    """A pool of the tiny models in three tiers, as T2IROUTE_TIERS: the edge pipeline at one
+    step (a "turbo" tier) and at three, and the cloud pipeline; costs as a distilled model, a
+    small one and a large one might compare."""
+    return json.dumps(
+        [
+            {"name": "turbo", "model": str(models / "edge"), "cost": 0.5, "steps": 1},
+            {"name": "base", "model": str(models / "edge"), "cost": 1.0, "steps": 3},
+            {"name": "large", "model": str(models / "cloud"), "cost": 10.0},
+        ]
+    )
+
+
+def _start_workers(workdir: Path, pool: Pool) -> list[subprocess.Popen[bytes]]:
     workers = []
-    for queues, name in WORKER_GROUPS:
+    for queues, tiers, name in WORKER_GROUPS:
         log = (workdir / f"worker-{name}.log").open("wb")
         workers.append(
             subprocess.Popen(
-                worker_command(queues, hostname=f"demo-{name}@%h"),
+                worker_command(
+                    queues,
+                    tiers=",".join(pool.names) if tiers == "*" else tiers,
+                    hostname=f"demo-{name}@%h",
+                ),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=os.environ.copy(),
@@ -145,6 +173,7 @@ def run_demo(
     prompts: Path | None = None,
     workdir: Path | None = None,
     embedded: bool | None = None,
+    three_tiers: bool = False,
     timeout: float = 300.0,
 ) -> DemoSummary:
     from workers.producer import submit
@@ -155,7 +184,7 @@ def run_demo(
         embedded = not any(v in os.environ for v in SERVER_VARIABLES)
     workdir = (workdir or Path(tempfile.mkdtemp(prefix="t2iroute-demo-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    settings = _configure_process(demo_environment(workdir, embedded))
+    settings = _configure_process(demo_environment(workdir, embedded, three_tiers))
     if settings.broker_folder is not None:
         settings.broker_folder.mkdir(parents=True, exist_ok=True)
     tiny = workdir / "models"
@@ -164,7 +193,7 @@ def run_demo(
     migrate.upgrade(settings.database_url)
 
     texts = demo_prompts(prompts)
-    workers = _start_workers(workdir)
+    workers = _start_workers(workdir, settings.pool)
     try:
         ids = [submit(text, seed=i).request_id for i, text in enumerate(texts)]
         deadline = time.monotonic() + timeout

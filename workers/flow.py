@@ -16,14 +16,12 @@ from typing import Literal
 
 from celery import Celery
 
-from db.models import Tier
-from workers.celery_app import TASK_GENERATE_CLOUD, TASK_GENERATE_EDGE, TASK_ROUTE, TASK_SCORE
+from workers.celery_app import TASK_GENERATE, TASK_ROUTE, TASK_SCORE
 
 log = logging.getLogger(__name__)
 
 StepKind = Literal["route", "generate", "score"]
-
-GENERATE_TASK = {Tier.EDGE: TASK_GENERATE_EDGE, Tier.CLOUD: TASK_GENERATE_CLOUD}
+TASKS: dict[str, str] = {"route": TASK_ROUTE, "generate": TASK_GENERATE, "score": TASK_SCORE}
 
 
 @dataclass(frozen=True, order=True)
@@ -31,7 +29,7 @@ class Step:
     """One unit of work on a request: ``route``, ``generate:TIER`` or ``score:TIER``."""
 
     kind: StepKind
-    tier: Tier | None = None
+    tier: str | None = None
 
     def __post_init__(self) -> None:
         if (self.kind == "route") != (self.tier is None):
@@ -39,7 +37,7 @@ class Step:
 
     @property
     def key(self) -> str:
-        return self.kind if self.tier is None else f"{self.kind}:{self.tier.value}"
+        return self.kind if self.tier is None else f"{self.kind}:{self.tier}"
 
     @classmethod
     def parse(cls, key: str) -> Step:
@@ -47,31 +45,25 @@ class Step:
         if kind == "route" and not tier:
             return cls("route")
         if kind in ("generate", "score") and tier:
-            return cls(kind, Tier(tier))  # type: ignore[arg-type]
+            return cls(kind, tier)  # type: ignore[arg-type]
         raise ValueError(f"unknown step {key!r}")
 
     @property
     def task_name(self) -> str:
-        if self.kind == "route":
-            return TASK_ROUTE
-        assert self.tier is not None
-        return GENERATE_TASK[self.tier] if self.kind == "generate" else TASK_SCORE
+        return TASKS[self.kind]
 
     def args(self, request_id: str) -> list[str]:
-        if self.kind == "score":
-            assert self.tier is not None
-            return [request_id, self.tier.value]
-        return [request_id]
+        return [request_id] if self.tier is None else [request_id, self.tier]
 
 
 ROUTE = Step("route")
 
 
-def generate(tier: Tier) -> Step:
+def generate(tier: str) -> Step:
     return Step("generate", tier)
 
 
-def score(tier: Tier) -> Step:
+def score(tier: str) -> Step:
     return Step("score", tier)
 
 

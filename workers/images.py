@@ -4,22 +4,28 @@ inside the store after symlinks are resolved."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import uuid
 from pathlib import Path
 
 from PIL import Image
 
-from db.models import Tier
+from workers.pool import TIER_NAME
+
+# Tier names are checked by the pool; checked again here, as they become file names.
+TIER_FILE = re.compile(TIER_NAME.strip("^$"))
 
 
 class ImageStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
 
-    def save(self, request_id: str, tier: Tier, image: Image.Image) -> str:
+    def save(self, request_id: str, tier: str, image: Image.Image) -> str:
         """Write the PNG atomically and return its path relative to the store."""
-        name = f"{uuid.UUID(request_id)}/{Tier(tier).value}.png"
+        if not TIER_FILE.fullmatch(tier):
+            raise ValueError(f"not a tier name: {tier!r}")
+        name = f"{uuid.UUID(request_id)}/{tier}.png"
         target = self.resolve(name)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".png.part")

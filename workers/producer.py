@@ -225,7 +225,8 @@ def _row_values(spec: RequestSpec, settings: Settings) -> dict[str, Any]:
         "prompt": spec.prompt,
         "width": spec.width or settings.default_width,
         "height": spec.height or settings.default_height,
-        "steps": spec.steps or settings.default_steps,
+        # Unstated steps stay None: each tier's own default applies when it generates.
+        "steps": spec.steps,
         "seed": spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED),
         "guidance_scale": spec.guidance_scale,
     }
@@ -321,16 +322,15 @@ def describe(request_id: str, *, settings: Settings | None = None) -> dict[str, 
             "decision": None
             if decision is None
             else {
-                "tier": decision.tier.value,
-                "explore": decision.explore,
-                "predicted_prs": decision.predicted_prs,
-                "alpha": decision.alpha,
-                "wants_cloud": decision.wants_cloud,
+                "tier": decision.tier,
+                "wanted_tier": decision.wanted_tier,
+                "explored": decision.explored,
+                "predicted_quality": decision.predicted_quality,
+                "tradeoff": decision.tradeoff,
+                "spent": decision.spent,
                 "router_version": decision.router_version,
                 "budget_reason": decision.budget_reason,
-                "rerouted_from": None
-                if decision.rerouted_from is None
-                else decision.rerouted_from.value,
+                "rerouted_from": decision.rerouted_from,
                 "reroute_reason": decision.reroute_reason,
             },
             "steps": [
@@ -343,6 +343,6 @@ def describe(request_id: str, *, settings: Settings | None = None) -> dict[str, 
                 }
                 for step in queries.steps_of(session, request_id)
             ],
-            "images": {g.tier.value: g.image_path for g in generations},
-            "quality": {tier.value: score for tier, score in quality.items()},
+            "images": {g.tier: g.image_path for g in generations},
+            "quality": quality,
         }

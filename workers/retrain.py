@@ -19,7 +19,7 @@ from db.session import session_scope
 from routing.data import scalar_quality
 from routing.evaluate import kfold_indices, score_routing
 from routing.metrics import METRIC_NAMES, METRICS_VERSION
-from routing.registry import build_router, load_router, save_router
+from routing.registry import build_router, load_pair_router, save_router
 from routing.routet2i import RouteT2IConfig, RouteT2IRouter
 from routing.types import PairTable, Router
 from workers.settings import Settings
@@ -65,7 +65,7 @@ def _incumbent(session: Session, settings: Settings, train: PairTable) -> tuple[
     """The router serving now: the active version, or the fitted default baseline policy."""
     active = queries.active_router_version(session)
     if active is not None:
-        return active.version, load_router(Path(active.path))
+        return active.version, load_pair_router(Path(active.path))
     baseline = build_router(settings.default_policy)
     baseline.fit(train)
     return f"baseline:{settings.default_policy}", baseline
@@ -73,7 +73,11 @@ def _incumbent(session: Session, settings: Settings, train: PairTable) -> tuple[
 
 def retrain_router(settings: Settings, *, seed: int = 0) -> RetrainResult:
     with session_scope(settings.database_url) as session:
-        rows = queries.training_pairs(session, METRICS_VERSION)
+        # The pair router learns the pool's cheapest tier against its dearest.
+        pool = settings.pool
+        rows = queries.training_pairs(
+            session, METRICS_VERSION, pool.cheapest.name, pool.tiers[-1].name
+        )
     if len(rows) < settings.retrain_min_pairs:
         return RetrainResult(
             "skipped", f"{len(rows)} pairs, fewer than {settings.retrain_min_pairs}", len(rows)

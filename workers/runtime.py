@@ -15,54 +15,74 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from sqlalchemy.orm import Session
 
 from db import queries
-from db.models import Tier
-from routing.calibrate import calibrate_alpha
+from routing.policy import calibrate_lambda
 from routing.quality import ContrastiveQualityScorer
 from routing.registry import build_router, load_router
-from routing.types import Router
-from workers.budget import BudgetKeeper, budget_keeper_from_settings
+from routing.types import PoolRouter, Router
+from workers.budget import BudgetKeeper, BudgetLimits, budget_keeper_from_settings
 from workers.images import ImageStore
 from workers.pipelines import load_clip, load_pipeline
+from workers.pool import Pool
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-# Below this many recent predictions the calibrated threshold is noise: use the policy's
-# neutral threshold and let the budget keeper hold the ratio.
+# Below this many recent predictions the calibrated tradeoff is noise: use lambda = 0 (the
+# neutral threshold alpha = 1/2 of two tiers) and let the budget keeper hold the spend.
 MIN_CALIBRATION_SAMPLE = 20
-NEUTRAL_ALPHA = 0.5
+NEUTRAL_TRADEOFF = 0.0
 
 
 @dataclass(frozen=True)
 class Prediction:
-    prs: float
+    """The router's score of every tier of the pool (higher is better), and RouteT2I's
+    per-metric D_i where it predicts them."""
+
+    quality: dict[str, float]
     metrics: list[float] | None
     router_version: str
 
 
-def model_for(tier: Tier, settings: Settings) -> str:
+def pair_scores(prs: float, pool: Pool) -> dict[str, float]:
+    """A two-tier router's PRS as scores of every tier: the cheapest 1/2 and the dearest
+    1 - PRS (under which the policy's rule is RouteT2I's PRS < alpha, routing/policy.py), the
+    tiers between spread by their rank in cost: the harder the prompt for the cheapest tier,
+    the more every dearer tier is worth."""
+    steps = max(len(pool) - 1, 1)
+    return {tier.name: 0.5 + (0.5 - prs) * rank / steps for rank, tier in enumerate(pool)}
+
+
+def model_for(tier: str, settings: Settings) -> str:
     """The diffusers pipeline (local folder or hub id) that generates a tier's images."""
-    return settings.edge_model if tier is Tier.EDGE else settings.cloud_model
+    return settings.pool[tier].model
 
 
-@lru_cache(maxsize=2)
-def pipeline_for(tier: Tier, settings: Settings) -> DiffusionPipeline:
-    model = model_for(tier, settings)
-    log.info("loading %s pipeline from %s", tier.value, model)
-    return load_pipeline(
-        model,
-        device=settings.device,
-        torch_dtype=settings.torch_dtype,
-        revision=settings.model_revision,
+def pipeline_for(tier: str, settings: Settings) -> DiffusionPipeline:
+    spec = settings.pool[tier]
+    return _pipeline(
+        spec.model,
+        spec.device or settings.device,
+        spec.torch_dtype or settings.torch_dtype,
+        settings.model_revision,
     )
+
+
+@lru_cache(maxsize=8)
+def _pipeline(model: str, device: str, torch_dtype: str, revision: str | None) -> DiffusionPipeline:
+    """One pipeline per model and placement per process (two tiers of one model at other step
+    counts share it)."""
+    log.info("loading the pipeline %s on %s", model, device)
+    return load_pipeline(model, device=device, torch_dtype=torch_dtype, revision=revision)
+
+
+def quality_scorer(settings: Settings) -> ContrastiveQualityScorer:
+    return _scorer(settings.clip_model, settings.device, settings.model_revision)
 
 
 @lru_cache(maxsize=1)
-def quality_scorer(settings: Settings) -> ContrastiveQualityScorer:
-    model, processor = load_clip(
-        settings.clip_model, device=settings.device, revision=settings.model_revision
-    )
-    return ContrastiveQualityScorer(model, processor, device=settings.device)
+def _scorer(model: str, device: str, revision: str | None) -> ContrastiveQualityScorer:
+    clip, processor = load_clip(model, device=device, revision=revision)
+    return ContrastiveQualityScorer(clip, processor, device=device)
 
 
 class RouterService:
@@ -71,11 +91,13 @@ class RouterService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._router: Router = build_router(settings.default_policy)
+        self.pool = settings.pool
+        self._budget = BudgetLimits.from_settings(settings).budget_per_request
+        self._router: Router | PoolRouter = build_router(settings.default_policy)
         self._version = f"baseline:{settings.default_policy}"
         self._checked_at = float("-inf")
-        self._alpha = NEUTRAL_ALPHA
-        self._alpha_at = float("-inf")
+        self._tradeoff = NEUTRAL_TRADEOFF
+        self._tradeoff_at = float("-inf")
 
     @property
     def version(self) -> str:
@@ -91,35 +113,48 @@ class RouterService:
         log.info("loading router version %s from %s", active.version, active.path)
         self._router = load_router(Path(active.path))
         self._version = active.version
-        self._alpha_at = float("-inf")
+        self._tradeoff_at = float("-inf")
 
     def predict(self, prompt: str) -> Prediction:
-        """PRS, and the per-metric D_i where the router predicts them, in one forward pass."""
-        with_metrics = getattr(self._router, "predict_with_metrics", None)
-        if not callable(with_metrics):
-            prs = float(self._router.predict_prs([prompt])[0])
-            return Prediction(prs=prs, metrics=None, router_version=self._version)
-        prs_all, metrics_all = with_metrics([prompt])
-        return Prediction(
-            prs=float(prs_all[0]),
-            metrics=[float(v) for v in metrics_all[0]],
-            router_version=self._version,
-        )
+        """Every tier's score, and the per-metric D_i where the router predicts them, in one
+        forward pass."""
+        router = self._router
+        with_metrics = getattr(router, "predict_with_metrics", None)
+        if isinstance(router, PoolRouter) and not (callable(with_metrics) and len(self.pool) == 2):
+            scores = router.predict_quality([prompt])[0]
+            tiers = getattr(router, "tiers", self.pool.names)
+            return Prediction(
+                quality={t: float(v) for t, v in zip(tiers, scores, strict=True)},
+                metrics=None,
+                router_version=self._version,
+            )
+        if callable(with_metrics):
+            prs_all, metrics_all = with_metrics([prompt])
+            prs, metrics = float(prs_all[0]), [float(v) for v in metrics_all[0]]
+        else:
+            prs, metrics = float(router.predict_prs([prompt])[0]), None  # type: ignore[union-attr]
+        return Prediction(pair_scores(prs, self.pool), metrics, self._version)
 
-    def alpha(self, session: Session) -> float:
-        """Threshold calibrated so that about rho of recent requests would want the cloud
-        (RouteLLM-style); the budget keeper is the hard guarantee behind it."""
-        if time.monotonic() - self._alpha_at >= self.settings.router_reload_seconds:
-            recent = queries.recent_predicted_prs(
-                session, self.settings.calibration_window, router_version=self._version
-            )
-            self._alpha = (
-                calibrate_alpha(np.asarray(recent), self.settings.cloud_ratio)
+    def tradeoff(self, session: Session) -> float:
+        """Lambda calibrated on this router's recent predictions so that their choices spend
+        the budget per request (RouteLLM-style calibration, generalised to a pool); the budget
+        keeper is the hard guarantee behind it."""
+        if time.monotonic() - self._tradeoff_at >= self.settings.router_reload_seconds:
+            names = self.pool.names
+            recent = [
+                [row[t] for t in names]
+                for row in queries.recent_predictions(
+                    session, self.settings.calibration_window, router_version=self._version
+                )
+                if all(t in row for t in names)
+            ]
+            self._tradeoff = (
+                calibrate_lambda(np.asarray(recent), [t.cost for t in self.pool], self._budget)
                 if len(recent) >= MIN_CALIBRATION_SAMPLE
-                else NEUTRAL_ALPHA
+                else NEUTRAL_TRADEOFF
             )
-            self._alpha_at = time.monotonic()
-        return self._alpha
+            self._tradeoff_at = time.monotonic()
+        return self._tradeoff
 
 
 @lru_cache(maxsize=1)

@@ -58,7 +58,11 @@ class Settings(BaseSettings):
 
     # Budget keeper: shared buckets in Redis, or in-process for a single router (embedded demo).
     budget_backend: Literal["redis", "local"] = "redis"
+    # With two tiers, rho: at most this share of generations on the cloud. In a pool, the
+    # share of images of its dearest tier that the budget per request pays for, unless
+    # ``budget_per_request`` (B, cost units above the cheapest tier) is given.
     cloud_ratio: float = Field(default=0.3, ge=0.0, le=1.0)
+    budget_per_request: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
     cloud_burst: float = Field(default=5.0, ge=1.0)
     cloud_rate_per_second: float | None = Field(default=None, gt=0.0)
     cloud_rate_burst: float = Field(default=10.0, ge=1.0)
@@ -152,10 +156,10 @@ class Settings(BaseSettings):
 
     @property
     def queues(self) -> dict[str, str]:
+        """Every queue by what it carries: route, quality, maintenance, and each tier's."""
         return {
             "route": self.queue_route,
-            "edge": self.queue_edge,
-            "cloud": self.queue_cloud,
+            **{tier.name: tier.queue_name for tier in self.pool},
             "quality": self.queue_quality,
             "maintenance": self.queue_maintenance,
         }

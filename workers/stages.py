@@ -6,6 +6,9 @@ the caller sends them after its transaction commits (``workers.flow``)."""
 from __future__ import annotations
 
 import logging
+import math
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -18,8 +21,6 @@ from db.models import (
     RoutingDecision,
     Status,
     StepStatus,
-    Tier,
-    TrainingPair,
 )
 from routing.metrics import METRIC_NAMES, METRICS_VERSION
 from routing.quality import ContrastiveQualityScorer
@@ -27,6 +28,7 @@ from workers import flow
 from workers.budget import BudgetKeeper
 from workers.flow import Step
 from workers.images import ImageStore
+from workers.pool import Pool
 from workers.runtime import RouterService
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,6 @@ def _request(session: Session, request_id: str) -> GenerationRequest:
     return request
 
 
-def _other(tier: Tier) -> Tier:
-    return Tier.CLOUD if tier is Tier.EDGE else Tier.EDGE
-
-
 def _hand_on(session: Session, request_id: str, done: Step, needed: list[Step]) -> list[Step]:
     """Close ``done`` and record what follows it, in the caller's transaction."""
     recorded = set(queries.record_steps(session, request_id, [s.key for s in needed]))
@@ -55,72 +53,72 @@ def _hand_on(session: Session, request_id: str, done: Step, needed: list[Step]) 
     return [step for step in needed if step.key in recorded]
 
 
-@dataclass(frozen=True)
-class _Reroute:
-    tier: Tier
-    reason: str
+def rank_tiers(quality: Mapping[str, float], pool: Pool, tradeoff: float) -> list[str]:
+    """The pool's tiers, best first by predicted quality minus ``tradeoff`` times cost (the
+    policy's rule, routing/policy.py); ties and an infinite tradeoff go to the cheaper."""
+    if math.isinf(tradeoff):
+        return list(pool.names)
+    return sorted(
+        pool.names,
+        key=lambda t: (-(quality.get(t, -math.inf) - tradeoff * pool[t].cost), pool[t].cost),
+    )
 
 
-def _route_around(
-    request_id: str, tier: Tier, down: dict[str, str], budget: BudgetKeeper
-) -> _Reroute | None:
-    """The tier to use instead of ``tier`` when its breaker is open: a cheaper tier always,
-    a dearer one only if the budget grants it (the budget keeper is the hard guarantee)."""
-    if tier.value not in down:
-        return None
-    other = _other(tier)
-    if other.value in down:
-        return None
-    why = f"{tier.value} out of service: {down[tier.value][:200]}"
-    if other is Tier.CLOUD:
-        granted = budget.decide(f"{request_id}/reroute", preference=[Tier.CLOUD])
-        if granted.tier != Tier.CLOUD:
-            return None
-    return _Reroute(other, why)
+def _exploration(request_id: str, pool: Pool, available: Sequence[str]) -> list[str]:
+    """The tiers an exploration sample is generated on beside its answer: the cheapest (the
+    reference every tier's superiority is measured against) and one other, drawn per
+    request; with two tiers, both. The budget keeper leaves out the answer's own."""
+    others = [t for t in available if t != pool.cheapest.name]
+    chosen = [pool.cheapest.name] if pool.cheapest.name in available else []
+    if others:
+        chosen.append(others[uuid.UUID(request_id).int % len(others)])
+    return chosen
 
 
 def route_request(
-    session: Session, request_id: str, router: RouterService, budget: BudgetKeeper
+    session: Session,
+    request_id: str,
+    router: RouterService,
+    budget: BudgetKeeper,
+    pool: Pool,
 ) -> list[Step]:
-    """Predict PRS, ask the budget keeper, record one decision, and record the generation
-    steps it needs. A redelivery finds the decision (and the budget keeper spends at most
-    once per request) and records nothing new."""
+    """Predict every tier's quality, rank the tiers by the policy, let the budget keeper
+    grant the best it can afford, record one decision and the generation steps it needs. A
+    redelivery finds the decision (the budget keeper spends at most once per request) and
+    records nothing new. A tier out of service (its breaker open) is not offered."""
     request = _request(session, request_id)
     decision = queries.get_decision(session, request_id)
     if decision is None:
         router.refresh(session)
         prediction = router.predict(request.prompt)
-        alpha = router.alpha(session)
-        wants_cloud = prediction.prs < alpha
+        tradeoff = router.tradeoff(session)
+        ranking = rank_tiers(prediction.quality, pool, tradeoff)
         down = queries.unavailable_tiers(session)
-        # A tier out of service is not asked of the budget keeper at all.
-        wanted = Tier.CLOUD if wants_cloud else Tier.EDGE
-        asks_cloud = wants_cloud and "cloud" not in down
+        available = [t for t in ranking if t not in down] or ranking
         granted = budget.decide(
             request_id,
-            preference=[Tier.CLOUD, Tier.EDGE] if asks_cloud else [Tier.EDGE],
-            explore=list(Tier),
+            preference=available,
+            explore=_exploration(request_id, pool, available),
         )
-        tier = Tier(granted.tier)
-        reroute = _route_around(request_id, wanted if wanted.value in down else tier, down, budget)
-        if reroute is not None:
-            tier = reroute.tier
+        wanted = ranking[0]
         queries.insert_ignore(
             session,
             RoutingDecision,
             {
                 "request_id": request_id,
                 "router_version": prediction.router_version,
-                "predicted_prs": prediction.prs,
+                "predicted_quality": prediction.quality,
                 "predicted_metrics": prediction.metrics,
-                "alpha": alpha,
-                "wants_cloud": wants_cloud,
-                "tier": tier,
-                # No labelled pair can come from a tier out of service.
-                "explore": bool(granted.explored) and _other(tier).value not in down,
+                "tradeoff": tradeoff,
+                "wanted_tier": wanted,
+                "tier": granted.tier,
+                "explored": [t for t in granted.explored if t not in down],
+                "spent": granted.spent,
                 "budget_reason": granted.reason,
-                "rerouted_from": None if reroute is None else _other(reroute.tier),
-                "reroute_reason": None if reroute is None else reroute.reason,
+                "rerouted_from": wanted if wanted in down else None,
+                "reroute_reason": f"{wanted} out of service: {down[wanted][:200]}"
+                if wanted in down
+                else None,
             },
         )
         decision = queries.get_decision(session, request_id)
@@ -134,12 +132,12 @@ def route_request(
     )
 
 
-def generation_job(session: Session, request_id: str, tier: Tier) -> GenerationRequest | None:
+def generation_job(session: Session, request_id: str, tier: str) -> GenerationRequest | None:
     """The request to render on ``tier``, or None when its image exists already."""
     request = _request(session, request_id)
     decision = queries.get_decision(session, request_id)
     if decision is None or tier not in queries.wanted_tiers(decision):
-        raise RequestGone(f"{request_id} was not routed to {tier.value}")
+        raise RequestGone(f"{request_id} was not routed to {tier}")
     if queries.get_generation(session, request_id, tier) is not None:
         return None
     return request
@@ -154,7 +152,7 @@ class NewImage:
 
 
 def complete_generation(
-    session: Session, request_id: str, tier: Tier, image: NewImage | None
+    session: Session, request_id: str, tier: str, image: NewImage | None
 ) -> list[Step]:
     """Record a rendered image (once) and hand the tier on to scoring."""
     if image is not None:
@@ -170,24 +168,24 @@ def complete_generation(
                 "worker": image.worker,
             },
         )
-        queries.record_tier_success(session, tier.value)
+        queries.record_tier_success(session, tier)
     return _hand_on(session, request_id, flow.generate(tier), [flow.score(tier)])
 
 
 def score_image(
     session: Session,
     request_id: str,
-    tier: Tier,
+    tier: str,
     *,
     scorer: ContrastiveQualityScorer,
     store: ImageStore,
 ) -> list[Step]:
     """Score one tier's image on the ten metrics. The request is done when the tier of its
-    answer is scored; when both tiers of an exploration sample are, it becomes a pair."""
+    answer is scored; an exploration sample's other tiers are labels, scored on the side."""
     _request(session, request_id)
     generation = queries.get_generation(session, request_id, tier)
     if generation is None:
-        raise RequestGone(f"{request_id} has no {tier.value} image to score")
+        raise RequestGone(f"{request_id} has no {tier} image to score")
     version = scorer.metrics_version
     if tier not in queries.scored_tiers(session, request_id, version):
         values = [float(v) for v in scorer.score([store.open(generation.image_path)])[0]]
@@ -211,58 +209,64 @@ def score_image(
     scored = queries.scored_tiers(session, request_id, version)
     if decision.tier in scored:
         queries.transition(session, request_id, from_status=Status.ROUTED, to_status=Status.DONE)
-    if decision.explore and Tier.EDGE in scored and Tier.CLOUD in scored:
-        queries.insert_ignore(
-            session,
-            TrainingPair,
-            {
-                "request_id": request_id,
-                "metrics_version": version,
-                "edge_scores": scored[Tier.EDGE],
-                "cloud_scores": scored[Tier.CLOUD],
-            },
-        )
     return _hand_on(session, request_id, flow.score(tier), [])
 
 
 def give_up(
-    session: Session, request_id: str, step: Step, reason: str, budget: BudgetKeeper
+    session: Session,
+    request_id: str,
+    step: Step,
+    reason: str,
+    budget: BudgetKeeper,
+    pool: Pool,
 ) -> list[Step]:
     """A step failed ``max_attempts`` times (or its message was lost too often). An
-    exploration tier is dropped on the side; the answer's tier is replaced by a tier that
-    works when the budget allows; anything else fails the request with the reason."""
+    exploration tier is dropped on the side. The answer's tier is replaced by the next tier
+    of the decision's ranking that has not failed it and is in service: one already generated
+    for exploration first (it costs nothing more), else the best the budget grants. Anything
+    else fails the request with the reason."""
     decision = queries.get_decision(session, request_id, for_update=True)
     if step.tier is None or decision is None:
         queries.fail(session, request_id, reason)
         return []
-    if step.tier is not decision.tier:
+    if step.tier != decision.tier:
         log.warning("exploration step %s of %s dropped: %s", step.key, request_id, reason)
         queries.finish_step(session, request_id, step.key, StepStatus.ABANDONED)
         return []
-    other = _other(step.tier)
-    failed_there = queries.step_status(session, request_id, flow.generate(other).key) in (
-        StepStatus.FAILED,
-        StepStatus.ABANDONED,
-    )
-    if step.kind == "score" or decision.rerouted_from is other or failed_there:
+    if step.kind == "score":
         queries.fail(session, request_id, reason)
         return []
-    already_made = queries.get_generation(session, request_id, other) is not None
-    if other is Tier.CLOUD and not already_made:
-        granted = budget.decide(f"{request_id}/reroute", preference=[Tier.CLOUD])
-        if granted.tier != Tier.CLOUD:
-            queries.fail(session, request_id, f"{reason}; no cloud fallback: {granted.reason}")
+    queries.finish_step(session, request_id, step.key, StepStatus.FAILED)
+    given_up = (StepStatus.FAILED, StepStatus.ABANDONED)
+    down = queries.unavailable_tiers(session)
+    candidates = [
+        tier
+        for tier in rank_tiers(decision.predicted_quality, pool, decision.tradeoff)
+        if tier != step.tier
+        and tier not in down
+        and queries.step_status(session, request_id, flow.generate(tier).key) not in given_up
+    ]
+    made = [t for t in candidates if queries.get_generation(session, request_id, t) is not None]
+    if made:
+        replacement = made[0]
+    elif candidates:
+        granted = budget.decide(f"{request_id}/reroute/{step.key}", preference=candidates)
+        if granted.tier not in candidates:
+            queries.fail(session, request_id, f"{reason}; no tier to replace it: {granted.reason}")
             return []
-    log.warning("request %s rerouted from %s to %s: %s", request_id, step.tier, other, reason)
+        replacement = granted.tier
+    else:
+        queries.fail(session, request_id, f"{reason}; no other tier in service")
+        return []
+    log.warning("request %s rerouted from %s to %s: %s", request_id, step.tier, replacement, reason)
     decision.rerouted_from = step.tier
     decision.reroute_reason = reason[:4000]
-    decision.tier = other
-    queries.finish_step(session, request_id, step.key, StepStatus.FAILED)
-    if other in queries.scored_tiers(session, request_id, METRICS_VERSION):
+    decision.tier = replacement
+    if replacement in queries.scored_tiers(session, request_id, METRICS_VERSION):
         queries.transition(session, request_id, from_status=Status.ROUTED, to_status=Status.DONE)
         return []
-    needed = flow.generate(other)
+    needed = flow.generate(replacement)
     if queries.step_status(session, request_id, needed.key) is StepStatus.DONE:
-        needed = flow.score(other)
+        needed = flow.score(replacement)
     recorded = queries.record_steps(session, request_id, [needed.key])
     return [needed] if recorded else []

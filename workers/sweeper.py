@@ -30,6 +30,7 @@ from db.models import StepStatus
 from workers import stages
 from workers.budget import BudgetKeeper
 from workers.flow import Send, Step, parse_task_id
+from workers.pool import Pool
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def sweep(
     settings: Settings,
     broker: Callable[[], BrokerView | None],
     budget: BudgetKeeper,
+    pool: Pool,
 ) -> tuple[list[Send], list[Step]]:
     """Re-send lost steps; return the messages to send after commit, and the steps that
     gave up now (for the caller's log). ``broker`` is read only when a step is overdue."""
@@ -114,7 +116,7 @@ def sweep(
             reason = f"{step.step}: its message was lost {step.sends} times"
             resends.extend(
                 Send(step.request_id, s)
-                for s in stages.give_up(session, step.request_id, parsed, reason, budget)
+                for s in stages.give_up(session, step.request_id, parsed, reason, budget, pool)
             )
             gave_up.append(parsed)
             continue

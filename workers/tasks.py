@@ -21,12 +21,10 @@ from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.orm import Session
 
 from db import queries
-from db.models import Tier
 from db.session import session_scope
 from workers import flow, stages
 from workers.celery_app import (
-    TASK_GENERATE_CLOUD,
-    TASK_GENERATE_EDGE,
+    TASK_GENERATE,
     TASK_RETRAIN,
     TASK_ROUTE,
     TASK_SCORE,
@@ -131,7 +129,7 @@ def _close(request_id: str, step: Step) -> None:
 
 def _give_up(session: Session, request_id: str, step: Step, reason: str) -> list[Step]:
     log.error("%s of %s gave up: %s", step.key, request_id, reason)
-    return stages.give_up(session, request_id, step, reason, budget_keeper())
+    return stages.give_up(session, request_id, step, reason, budget_keeper(), get_settings().pool)
 
 
 def _failed_attempt(
@@ -144,7 +142,7 @@ def _failed_attempt(
         if step.kind == "generate" and step.tier is not None:
             opened = queries.record_tier_failure(
                 session,
-                step.tier.value,
+                step.tier,
                 error,
                 threshold=settings.tier_failure_threshold,
                 cooldown_seconds=settings.tier_cooldown_seconds,
@@ -152,7 +150,7 @@ def _failed_attempt(
             if opened:
                 log.error(
                     "tier %s out of service for %.0fs after %d failures in a row: %s",
-                    step.tier.value,
+                    step.tier,
                     settings.tier_cooldown_seconds,
                     settings.tier_failure_threshold,
                     error,
@@ -178,13 +176,21 @@ def route(self: Task, request_id: str) -> None:
         request_id,
         flow.ROUTE,
         lambda: _in_transaction(
-            lambda s: stages.route_request(s, request_id, router_service(), budget_keeper())
+            lambda s: stages.route_request(
+                s, request_id, router_service(), budget_keeper(), get_settings().pool
+            )
         ),
     )
 
 
-def _generate(task: Task, request_id: str, tier: Tier) -> None:
+@app.task(bind=True, name=TASK_GENERATE)
+def generate_image(self: Task, request_id: str, tier: str) -> None:
+    """Render a request's image on one tier of the pool (routed to that tier's queue)."""
     settings = get_settings()
+    if tier not in settings.pool:
+        log.error("generate: dropping message for unknown tier %r", tier)
+        return
+    spec = settings.pool[tier]
 
     def work() -> list[Step]:
         with session_scope(settings.database_url) as session:
@@ -198,46 +204,36 @@ def _generate(task: Task, request_id: str, tier: Tier) -> None:
                 job.prompt,
                 width=job.width,
                 height=job.height,
-                steps=job.steps,
+                steps=job.steps or spec.steps or settings.default_steps,
                 seed=job.seed,
-                guidance_scale=job.guidance_scale,
+                guidance_scale=job.guidance_scale
+                if job.guidance_scale is not None
+                else spec.guidance_scale,
             )
             image = stages.NewImage(
                 model=model_for(tier, settings),
                 image_path=image_store().save(request_id, tier, picture),
                 latency_ms=(time.perf_counter() - started) * 1000.0,
-                worker=task.request.hostname or socket.gethostname(),
+                worker=self.request.hostname or socket.gethostname(),
             )
         with session_scope(settings.database_url) as session:
             return stages.complete_generation(session, request_id, tier, image)
 
-    run_step(task, request_id, flow.generate(tier), work)
-
-
-@app.task(bind=True, name=TASK_GENERATE_EDGE)
-def generate_edge(self: Task, request_id: str) -> None:
-    _generate(self, request_id, Tier.EDGE)
-
-
-@app.task(bind=True, name=TASK_GENERATE_CLOUD)
-def generate_cloud(self: Task, request_id: str) -> None:
-    _generate(self, request_id, Tier.CLOUD)
+    run_step(self, request_id, flow.generate(tier), work)
 
 
 @app.task(bind=True, name=TASK_SCORE)
 def score(self: Task, request_id: str, tier: str) -> None:
-    try:
-        parsed = Tier(tier)
-    except ValueError:
-        log.error("score: dropping message with unknown tier %r", tier)
+    if tier not in get_settings().pool:
+        log.error("score: dropping message for unknown tier %r", tier)
         return
     run_step(
         self,
         request_id,
-        flow.score(parsed),
+        flow.score(tier),
         lambda: _in_transaction(
             lambda s: stages.score_image(
-                s, request_id, parsed, scorer=quality_scorer(get_settings()), store=image_store()
+                s, request_id, tier, scorer=quality_scorer(get_settings()), store=image_store()
             )
         ),
     )
@@ -256,6 +252,7 @@ def sweep() -> int:
             settings,
             lambda: read_broker(app, settings.queues.values()),
             budget_keeper(),
+            settings.pool,
         )
     _send(resends)
     return len(resends)

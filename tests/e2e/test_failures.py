@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from db import queries
-from db.models import Status, StepStatus, Tier, TierHealth
+from db.models import Status, StepStatus, TierHealth
 from db.session import session_scope
 from tests.services import celery_worker, wait_until_final, wait_until_steps_closed
 from workers.producer import submit
@@ -51,15 +51,15 @@ def test_a_broken_cloud_tier_fails_no_request_the_edge_can_serve(
     with session_scope(clean_db) as session:
         for rid in ids:
             decision = queries.get_decision(session, rid)
-            assert decision is not None and decision.explore
-            assert decision.tier is Tier.EDGE
+            assert decision is not None and decision.explored
+            assert decision.tier == "edge"
             if decision.rerouted_from is not None:
-                assert decision.rerouted_from is Tier.CLOUD
+                assert decision.rerouted_from == "cloud"
                 assert decision.reroute_reason is not None
                 assert decision.reroute_reason.startswith("generate:cloud:")
             cloud = queries.step_status(session, rid, "generate:cloud")
             assert cloud in (StepStatus.FAILED, StepStatus.ABANDONED)
-            assert [g.tier for g in queries.generations_of(session, rid)] == [Tier.EDGE]
+            assert [g.tier for g in queries.generations_of(session, rid)] == ["edge"]
         assert queries.training_pairs(session, "v1") == []
         health = session.get(TierHealth, "cloud")
         assert health is not None and health.consecutive_failures >= 2

@@ -22,8 +22,6 @@ from db.models import (
     RouterVersion,
     RoutingDecision,
     Status,
-    Tier,
-    TrainingPair,
 )
 from db.session import session_scope
 from routing.metrics import METRIC_NAMES, METRICS_VERSION
@@ -80,17 +78,19 @@ def test_submitted_prompts_end_with_images_decisions_and_scores(
     with session_scope(clean_db) as session:
         decisions = {d.request_id: d for d in session.scalars(select(RoutingDecision))}
         assert set(decisions) == set(ids)
-        explored = [rid for rid, d in decisions.items() if d.explore]
+        explored = [rid for rid, d in decisions.items() if d.explored]
         assert explored, "the exploration budget should have sampled some requests"
         cloud_generations = session.scalar(
-            select(func.count()).select_from(Generation).where(Generation.tier == Tier.CLOUD)
+            select(func.count()).select_from(Generation).where(Generation.tier == "cloud")
         )
         # The budget bound holds for every cloud generation, explorations included.
         assert cloud_generations is not None
         assert cloud_generations <= 0.5 * len(ids) + 2
 
         for rid, decision in decisions.items():
-            assert 0.0 <= decision.predicted_prs <= 1.0
+            assert set(decision.predicted_quality) == {"edge", "cloud"}
+            assert decision.predicted_quality["edge"] == 0.5
+            assert 0.0 <= decision.predicted_quality["cloud"] <= 1.0
             assert decision.router_version.startswith("baseline:")
             tiers = set(queries.wanted_tiers(decision))
             generations = queries.generations_of(session, rid)
@@ -105,8 +105,9 @@ def test_submitted_prompts_end_with_images_decisions_and_scores(
                 assert len(values) == len(METRIC_NAMES)
                 assert all(0.0 < v < 1.0 for v in values)
 
-        pairs = session.scalars(select(TrainingPair)).all()
-        assert sorted(p.request_id for p in pairs) == sorted(explored)
+        labelled = queries.labelled_prompts(session, METRICS_VERSION)
+        assert len(labelled) == len(explored)
+        assert all(set(tiers) == {"edge", "cloud"} for _, tiers in labelled)
         n_scores = session.scalar(select(func.count()).select_from(QualityScore))
         assert n_scores == sum(len(queries.wanted_tiers(d)) for d in decisions.values())
 
@@ -139,14 +140,26 @@ def _seed_training_pairs(url: str, n: int) -> None:
             session.flush()
             edge = rng.uniform(0.4, 0.6, len(METRIC_NAMES))
             cloud = edge + (0.2 if crowd else -0.2) + rng.normal(0, 0.02, len(METRIC_NAMES))
-            session.add(
-                TrainingPair(
+            for tier, values in (("edge", edge), ("cloud", cloud)):
+                generation = Generation(
                     request_id=request_id,
-                    metrics_version=METRICS_VERSION,
-                    edge_scores=edge.tolist(),
-                    cloud_scores=cloud.tolist(),
+                    tier=tier,
+                    model="tiny",
+                    image_path=f"{request_id}/{tier}.png",
+                    latency_ms=1.0,
                 )
-            )
+                session.add(generation)
+                session.flush()
+                session.add(
+                    QualityScore(
+                        generation_id=generation.id,
+                        request_id=request_id,
+                        tier=tier,
+                        metrics_version=METRICS_VERSION,
+                        scores={"names": list(METRIC_NAMES), "values": values.tolist()},
+                        mean_score=float(values.mean()),
+                    )
+                )
 
 
 def test_retraining_promotes_a_better_router_that_workers_then_serve(

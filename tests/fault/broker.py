@@ -93,7 +93,10 @@ def snapshot(client: redis.Redis, queues: list[str]) -> tuple[list[TaskMessage],
     pipe.hvals(UNACKED_KEY)
     *lists, unacked = pipe.execute()
     waiting = [_message(json.loads(raw)) for values in lists for raw in values]
-    return waiting, [_message(json.loads(raw)[0]) for raw in unacked]
+    # The unacknowledged hash is one for every queue: keep the entries of these queues
+    # (kombu stores each as [payload, exchange, routing key]).
+    held = [json.loads(raw) for raw in unacked]
+    return waiting, [_message(entry[0]) for entry in held if entry[2] in queues]
 
 
 def per_step(messages: list[TaskMessage]) -> Counter[tuple[str, str]]:

@@ -27,8 +27,7 @@ class Reconciliation:
     decision_count_off: dict[str, int]
     tiers: Counter[str]
     explored: int
-    #: None where the schema has no reroute columns.
-    rerouted: Counter[str] | None
+    rerouted: Counter[str]
     reroute_reasons: Counter[str]
     generations: Counter[str]
     duplicate_generations: int
@@ -40,8 +39,8 @@ class Reconciliation:
     cloud_spends: int
     cloud_bound: float
     budget_counters: dict[str, int] | None
-    #: (step, status) -> (rows, sends, max sends, failures); None without a dispatches table.
-    dispatches: dict[tuple[str, str], tuple[int, int, int, int]] | None
+    #: (step, status) -> (rows, sends, max sends, failures).
+    dispatches: dict[tuple[str, str], tuple[int, int, int, int]]
     latencies: list[float]
     span_seconds: float
     restarts: dict[str, int]
@@ -60,16 +59,12 @@ class Reconciliation:
         return self.submitted - self.done - self.failed
 
     @property
-    def dispatch_failures(self) -> int | None:
-        if self.dispatches is None:
-            return None
+    def dispatch_failures(self) -> int:
         return sum(f for _, _, _, f in self.dispatches.values())
 
     @property
-    def resends(self) -> int | None:
+    def resends(self) -> int:
         """Sends beyond the first, over every dispatch."""
-        if self.dispatches is None:
-            return None
         return sum(sends - rows for rows, sends, _, _ in self.dispatches.values())
 
     def percentile(self, q: float) -> float:
@@ -88,12 +83,7 @@ class Reconciliation:
             ("requests without exactly one decision", len(self.decision_count_off)),
             ("answer tier edge / cloud", f"{self.tiers['edge']} / {self.tiers['cloud']}"),
             ("explored (both tiers)", self.explored),
-            (
-                "rerouted from edge / cloud",
-                "n/a"
-                if self.rerouted is None
-                else f"{self.rerouted['edge']} / {self.rerouted['cloud']}",
-            ),
+            ("rerouted from edge / cloud", f"{self.rerouted['edge']} / {self.rerouted['cloud']}"),
             (
                 "generations edge / cloud",
                 f"{self.generations['edge']} / {self.generations['cloud']}",
@@ -130,7 +120,7 @@ class Reconciliation:
             ]
         for name, value in rows:
             table.add_row(name, str(value))
-        for (step, status), (n, sends, most, failures) in sorted((self.dispatches or {}).items()):
+        for (step, status), (n, sends, most, failures) in sorted(self.dispatches.items()):
             table.add_row(
                 f"dispatch {step} {status}",
                 f"{n} rows, {sends} sends (max {most}), {failures} failures",
@@ -169,13 +159,6 @@ class Reconciliation:
         assert self.generations["cloud"] <= self.cloud_bound, "cloud generations beyond budget"
 
 
-def _columns(conn: Any, table: str) -> set[str]:
-    rows = conn.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = %s", (table,)
-    ).fetchall()
-    return {str(name) for (name,) in rows}
-
-
 def _budget_counters(stack: Stack) -> dict[str, int] | None:
     prefix = stack.settings.budget_key_prefix
     client = stack.budget()
@@ -197,11 +180,9 @@ def reconcile(stack: Stack, ids: Sequence[str]) -> Reconciliation:
             "FROM generation_requests WHERE id = ANY(%s)",
             (wanted,),
         ).fetchall()
-        reroute = {"rerouted_from", "reroute_reason"} <= _columns(conn, "routing_decisions")
-        extra = ", rerouted_from, reroute_reason" if reroute else ""
         decisions = conn.execute(
-            f"SELECT request_id, tier, explore{extra} FROM routing_decisions "
-            "WHERE request_id = ANY(%s)",
+            "SELECT request_id, tier, json_array_length(explored) > 0, rerouted_from,"
+            " reroute_reason FROM routing_decisions WHERE request_id = ANY(%s)",
             (wanted,),
         ).fetchall()
         generations = conn.execute(
@@ -214,16 +195,14 @@ def reconcile(stack: Stack, ids: Sequence[str]) -> Reconciliation:
             "GROUP BY request_id, tier",
             (wanted,),
         ).fetchall()
-        dispatches = None
-        if _columns(conn, "dispatches"):
-            dispatches = {
-                (str(step), str(status)): (int(n), int(sends), int(most), int(failures))
-                for step, status, n, sends, most, failures in conn.execute(
-                    "SELECT step, status, count(*), sum(sends), max(sends), sum(failures) "
-                    "FROM dispatches WHERE request_id = ANY(%s) GROUP BY step, status",
-                    (wanted,),
-                ).fetchall()
-            }
+        dispatches = {
+            (str(step), str(status)): (int(n), int(sends), int(most), int(failures))
+            for step, status, n, sends, most, failures in conn.execute(
+                "SELECT step, status, count(*), sum(sends), max(sends), sum(failures) "
+                "FROM dispatches WHERE request_id = ANY(%s) GROUP BY step, status",
+                (wanted,),
+            ).fetchall()
+        }
 
     statuses = Counter(str(status) for _, status, *_ in requests)
     failures = {str(rid): str(reason) for rid, status, reason, *_ in requests if status == "failed"}
@@ -233,7 +212,7 @@ def reconcile(stack: Stack, ids: Sequence[str]) -> Reconciliation:
     generated = {(str(r), str(t)): int(n) for r, t, n in generations}
     scored = {(str(r), str(t)): int(n) for r, t, n in scores}
     done_ids = [str(rid) for rid, status, *_ in requests if status == "done"]
-    rerouted_from = {str(row[0]): row[3] for row in decisions} if reroute else {}
+    rerouted_from = {str(row[0]): row[3] for row in decisions}
     spends = sum(
         1
         for row in decisions
@@ -259,10 +238,8 @@ def reconcile(stack: Stack, ids: Sequence[str]) -> Reconciliation:
         decision_count_off=decision_count_off,
         tiers=Counter(answer.values()),
         explored=sum(1 for row in decisions if row[2]),
-        rerouted=Counter(str(v) for v in rerouted_from.values() if v is not None)
-        if reroute
-        else None,
-        reroute_reasons=Counter(str(row[4]) for row in decisions if reroute and row[4]),
+        rerouted=Counter(str(v) for v in rerouted_from.values() if v is not None),
+        reroute_reasons=Counter(str(row[4]) for row in decisions if row[4]),
         generations=Counter(
             {
                 tier: sum(n for (_, t), n in generated.items() if t == tier)

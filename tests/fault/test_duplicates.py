@@ -9,26 +9,24 @@ from collections.abc import Callable
 import pytest
 
 from tests.fault.harness import FINAL, Stack, prompts, scaled, settle, snapshot, start
-from workers.celery_app import TASK_GENERATE_CLOUD, TASK_GENERATE_EDGE, TASK_ROUTE, TASK_SCORE
+from workers.celery_app import TASK_GENERATE, TASK_ROUTE, TASK_SCORE
 
 pytestmark = pytest.mark.fault
-
-GENERATE = {"edge": TASK_GENERATE_EDGE, "cloud": TASK_GENERATE_CLOUD}
 
 
 def _progress(stack: Stack, ids: list[str]) -> tuple[dict[str, list[str]], set[tuple[str, str]]]:
     """Each routed request's tiers (answer first), and the (request, tier) pairs generated."""
     with stack.database() as conn:
         decisions = conn.execute(
-            "SELECT request_id, tier, explore FROM routing_decisions WHERE request_id = ANY(%s)",
+            "SELECT request_id, tier, explored FROM routing_decisions WHERE request_id = ANY(%s)",
             (ids,),
         ).fetchall()
         generated = conn.execute(
             "SELECT request_id, tier FROM generations WHERE request_id = ANY(%s)", (ids,)
         ).fetchall()
     tiers = {
-        str(rid): [str(tier)] + ([{"edge": "cloud", "cloud": "edge"}[tier]] if explore else [])
-        for rid, tier, explore in decisions
+        str(rid): [str(tier), *(str(t) for t in explored if t != tier)]
+        for rid, tier, explored in decisions
     }
     return tiers, {(str(r), str(t)) for r, t in generated}
 
@@ -38,7 +36,7 @@ def _copies(
 ) -> list[tuple[str, list[str]]]:
     """The messages a request has had so far, as (task, args)."""
     messages = [(TASK_ROUTE, [rid])]
-    messages += [(GENERATE[tier], [rid]) for tier in tiers]
+    messages += [(TASK_GENERATE, [rid, tier]) for tier in tiers]
     messages += [(TASK_SCORE, [rid, tier]) for tier in tiers if (rid, tier) in generated]
     return messages
 

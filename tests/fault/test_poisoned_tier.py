@@ -50,7 +50,8 @@ def test_requests_of_a_poisoned_tier_are_rerouted(
     figures = settle(stack, ids, show, "poisoned cloud tier")
     with stack.database() as conn:
         rows = conn.execute(
-            "SELECT r.id, r.status, r.failure_reason, d.tier, d.explore, d.wants_cloud, "
+            "SELECT r.id, r.status, r.failure_reason, d.tier, json_array_length(d.explored) > 0,"
+            " d.wanted_tier = 'cloud', "
             "d.rerouted_from, d.reroute_reason FROM generation_requests r "
             "JOIN routing_decisions d ON d.request_id = r.id WHERE r.id = ANY(%s)",
             (ids,),

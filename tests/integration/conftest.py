@@ -14,7 +14,7 @@ from tests.services import flush_redis, recreate_database
 from workers.settings import Settings, get_settings
 
 TABLES = (
-    "quality_scores, training_pairs, generations, routing_decisions, router_versions, "
+    "quality_scores, generations, routing_decisions, router_versions, "
     "dispatches, tier_health, generation_requests"
 )
 

@@ -71,3 +71,17 @@ def test_demo_uses_the_servers_when_their_urls_are_set(
     assert "servers" in output
     assert _row(output, "done / failed / unfinished") == "3 / 0 / 0"
     assert not (tmp_path / "demo" / "t2iroute.db").exists()
+
+
+def test_the_embedded_demo_runs_a_three_tier_pool(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("T2IROUTE_")}
+    output = _demo(tmp_path, env, "--three-tiers")
+    assert _row(output, "done / failed / unfinished") == "3 / 0 / 0"
+    tiers = {
+        line.split("│")[1].strip().split(":")[0]
+        for line in output.splitlines()
+        if ": answers" in line
+    }
+    assert tiers <= {"turbo", "base", "large"} and tiers
+    images = list((tmp_path / "demo" / "images").rglob("*.png"))
+    assert int(_row(output, "images written")) == len(images) >= 3

@@ -10,7 +10,7 @@ import redis
 from PIL import Image
 
 from db import queries
-from db.models import GenerationRequest, Status, StepStatus, Tier
+from db.models import GenerationRequest, Status, StepStatus
 from db.session import session_scope
 from workers import flow, stages
 from workers.budget import (
@@ -39,14 +39,16 @@ def _route(
     with session_scope(url) as session:
         assert queries.start_step(session, request_id, "route", redelivered=False)
     with session_scope(url) as session:
-        return stages.route_request(session, request_id, RouterService(settings), budget)
+        return stages.route_request(
+            session, request_id, RouterService(settings), budget, settings.pool
+        )
 
 
 def _render(request: GenerationRequest) -> Image.Image:
     return Image.new("RGB", (request.width, request.height), "blue")
 
 
-def _generate(url: str, request_id: str, tier: Tier, store: ImageStore) -> list[Step]:
+def _generate(url: str, request_id: str, tier: str, store: ImageStore) -> list[Step]:
     with session_scope(url) as session:
         job = stages.generation_job(session, request_id, tier)
     image = None
@@ -71,9 +73,9 @@ def test_routing_twice_records_one_decision_spends_once_and_sends_nothing_twice(
     router = RouterService(settings)
     request_id = submit("a crowd of people in a stadium at night", seed=1).request_id
     with session_scope(clean_db) as session:
-        first = stages.route_request(session, request_id, router, budget)
+        first = stages.route_request(session, request_id, router, budget, settings.pool)
     with session_scope(clean_db) as session:
-        again = stages.route_request(session, request_id, router, budget)
+        again = stages.route_request(session, request_id, router, budget, settings.pool)
         request = queries.get_request(session, request_id)
         assert request is not None and request.status is Status.ROUTED
         decision = queries.get_decision(session, request_id)
@@ -128,7 +130,7 @@ def test_generation_is_stored_once_per_tier(
         assert len(queries.generations_of(session, request_id)) == 1
         decision = queries.get_decision(session, request_id)
         assert decision is not None
-        other = Tier.CLOUD if step.tier is Tier.EDGE else Tier.EDGE
+        other = "cloud" if step.tier == "edge" else "edge"
         if other not in queries.wanted_tiers(decision):
             with pytest.raises(stages.RequestGone):
                 stages.generation_job(session, request_id, other)
@@ -143,7 +145,11 @@ def test_a_final_request_is_gone_for_every_stage(
         assert {s.status for s in queries.steps_of(session, request_id)} == {StepStatus.ABANDONED}
     with session_scope(clean_db) as session, pytest.raises(stages.RequestGone):
         stages.route_request(
-            session, request_id, RouterService(settings), budget_keeper_from_settings(settings)
+            session,
+            request_id,
+            RouterService(settings),
+            budget_keeper_from_settings(settings),
+            settings.pool,
         )
 
 
@@ -156,13 +162,16 @@ def test_a_failed_exploration_tier_never_fails_the_answer(
     )
     with session_scope(clean_db) as session:
         decision = queries.get_decision(session, request_id)
-        assert decision is not None and decision.explore
-        answer, explored = decision.tier, Tier.CLOUD if decision.tier is Tier.EDGE else Tier.EDGE
-    assert {s.tier for s in steps} == {Tier.EDGE, Tier.CLOUD}
+        assert decision is not None
+        answer, (explored,) = decision.tier, decision.explored
+    assert {s.tier for s in steps} == {"edge", "cloud"}
     budget = budget_keeper_from_settings(settings)
     with session_scope(clean_db) as session:
-        assert stages.give_up(session, request_id, flow.generate(explored), "broken", budget) == []
-        assert queries.step_status(session, request_id, f"generate:{explored.value}") is (
+        gave_up = stages.give_up(
+            session, request_id, flow.generate(explored), "broken", budget, settings.pool
+        )
+        assert gave_up == []
+        assert queries.step_status(session, request_id, f"generate:{explored}") is (
             StepStatus.ABANDONED
         )
     assert _status(clean_db, request_id) is Status.ROUTED
@@ -185,8 +194,10 @@ def test_a_failing_answer_tier_is_replaced_by_one_that_works(
     assert step.tier is not None
     with session_scope(clean_db) as session:
         queries.start_step(session, request_id, step.key, redelivered=False)
-        (fallback,) = stages.give_up(session, request_id, step, "weights are broken", budget)
-    other = Tier.CLOUD if step.tier is Tier.EDGE else Tier.EDGE
+        (fallback,) = stages.give_up(
+            session, request_id, step, "weights are broken", budget, settings.pool
+        )
+    other = "cloud" if step.tier == "edge" else "edge"
     assert fallback == flow.generate(other)
     with session_scope(clean_db) as session:
         decision = queries.get_decision(session, request_id)
@@ -201,4 +212,7 @@ def test_a_failing_answer_tier_is_replaced_by_one_that_works(
     assert _status(clean_db, request_id) is Status.DONE
     # Its replacement failing too leaves no tier: the request fails with the reason.
     with session_scope(clean_db) as session:
-        assert stages.give_up(session, request_id, flow.score(other), "scorer broke", budget) == []
+        gave_up = stages.give_up(
+            session, request_id, flow.score(other), "scorer broke", budget, settings.pool
+        )
+        assert gave_up == []

@@ -43,6 +43,7 @@ def _sweep(url: str, settings: Settings) -> list[Send]:
             settings,
             lambda: read_broker(app, settings.queues.values()),
             budget_keeper_from_settings(settings),
+            settings.pool,
         )
     return resends
 
@@ -153,10 +154,10 @@ def test_without_a_record_of_delivered_messages_a_running_step_lives_its_time_li
     forgetful = BrokerView(frozenset(), tracks_delivered=False)
     budget = budget_keeper_from_settings(settings)
     with session_scope(clean_db) as session:
-        assert sweep(session, settings, lambda: forgetful, budget) == ([], [])
+        assert sweep(session, settings, lambda: forgetful, budget, settings.pool) == ([], [])
     _age(clean_db, request_id, settings.task_time_limit + settings.lost_after_seconds + 1)
     with session_scope(clean_db) as session:
-        resends, _ = sweep(session, settings, lambda: forgetful, budget)
+        resends, _ = sweep(session, settings, lambda: forgetful, budget, settings.pool)
     assert resends == [Send(request_id, flow.ROUTE, 2)]
 
 

@@ -10,8 +10,7 @@ from pydantic import ValidationError
 
 from workers import broker
 from workers.celery_app import (
-    TASK_GENERATE_CLOUD,
-    TASK_GENERATE_EDGE,
+    TASK_GENERATE,
     TASK_RETRAIN,
     TASK_ROUTE,
     TASK_SCORE,
@@ -49,12 +48,25 @@ def test_time_limits_out_of_order_are_refused() -> None:
 
 def test_task_routes_are_configuration_from_the_queue_names() -> None:
     settings = Settings(queue_edge="small-gpu", queue_cloud="big-gpu", queue_quality="clip")
-    routes = celery_config(settings)["task_routes"]
+    routes, by_tier = celery_config(settings)["task_routes"]
     assert routes[TASK_ROUTE] == {"queue": "route"}
-    assert routes[TASK_GENERATE_EDGE] == {"queue": "small-gpu"}
-    assert routes[TASK_GENERATE_CLOUD] == {"queue": "big-gpu"}
     assert routes[TASK_SCORE] == {"queue": "clip"}
     assert routes[TASK_SWEEP] == routes[TASK_RETRAIN] == {"queue": "maintenance"}
+    # A generation goes to the queue of the tier it names.
+    assert by_tier(TASK_GENERATE, ["id", "edge"], {}, {}) == {"queue": "small-gpu"}
+    assert by_tier(TASK_GENERATE, ["id", "cloud"], {}, {}) == {"queue": "big-gpu"}
+    assert by_tier(TASK_GENERATE, ["id", "unknown"], {}, {}) is None
+    assert by_tier(TASK_SCORE, ["id", "edge"], {}, {}) is None
+
+
+def test_a_message_sent_for_a_tier_lands_in_its_queue() -> None:
+    tiers = [
+        {"name": "turbo", "model": "m", "cost": 1},
+        {"name": "big", "model": "m", "cost": 9, "queue": "gpu-big"},
+    ]
+    app = create_app(Settings(tiers=tiers))
+    route = app.amqp.router.route({}, TASK_GENERATE, args=["id", "big"], kwargs={})
+    assert route["queue"].name == "gpu-big"
 
 
 def test_beat_runs_the_sweeper_and_retraining() -> None:
@@ -67,7 +79,7 @@ def test_beat_runs_the_sweeper_and_retraining() -> None:
 def test_every_task_is_registered_on_the_app() -> None:
     app = create_app(Settings())
     app.loader.import_default_modules()
-    for name in (TASK_ROUTE, TASK_GENERATE_EDGE, TASK_GENERATE_CLOUD, TASK_SCORE, TASK_SWEEP):
+    for name in (TASK_ROUTE, TASK_GENERATE, TASK_SCORE, TASK_SWEEP, TASK_RETRAIN):
         assert name in app.tasks
 
 

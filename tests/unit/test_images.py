@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from db.models import Tier
 from workers.images import ImageStore
 
 
 def test_save_names_the_file_and_reads_it_back(tmp_path: Path) -> None:
     store = ImageStore(tmp_path)
     request_id = str(uuid.uuid4())
-    name = store.save(request_id, Tier.EDGE, Image.new("RGB", (8, 8), "red"))
+    name = store.save(request_id, "edge", Image.new("RGB", (8, 8), "red"))
     assert name == f"{request_id}/edge.png"
     assert not list(tmp_path.rglob("*.part"))
     with store.open(name) as image:
@@ -25,7 +24,13 @@ def test_save_names_the_file_and_reads_it_back(tmp_path: Path) -> None:
 
 def test_a_request_id_that_is_not_a_uuid_cannot_name_a_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        ImageStore(tmp_path).save("../../etc/passwd", Tier.EDGE, Image.new("RGB", (8, 8)))
+        ImageStore(tmp_path).save("../../etc/passwd", "edge", Image.new("RGB", (8, 8)))
+
+
+@pytest.mark.parametrize("tier", ["../edge", "edge/../../x", "", "Edge", "a b"])
+def test_a_tier_that_is_not_a_tier_name_cannot_name_a_file(tmp_path: Path, tier: str) -> None:
+    with pytest.raises(ValueError, match="not a tier name"):
+        ImageStore(tmp_path).save(str(uuid.uuid4()), tier, Image.new("RGB", (8, 8)))
 
 
 @pytest.mark.parametrize("name", ["../outside.png", "/etc/passwd", "a/../../outside.png"])

@@ -1,0 +1,75 @@
+"""A three-tier pool end to end with real Celery workers on the real Redis and Postgres: two
+tiny pipelines, one of them also at another step count, each tier on its own queue."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from db import queries
+from db.models import Generation, RoutingDecision
+from db.session import session_scope
+from tests.services import celery_worker, wait_until_final, wait_until_steps_closed
+from workers.producer import submit
+from workers.settings import Settings
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = (
+    "a red bicycle leaning on a brick wall",
+    "three dogs and a cat playing in the snow under a street lamp",
+    "a bowl of soup",
+    "a wooden boat on a calm lake at dawn with mountains and a castle behind it",
+    "an astronaut reading a newspaper",
+    "a cactus",
+)
+
+
+def test_a_three_tier_pool_serves_every_request_within_its_cost_budget(
+    tiny_models: dict[str, Path],
+    database: str,
+    clean_db: str,
+    settings: Settings,
+    clean_redis: redis.Redis,
+) -> None:
+    tiers = [
+        {"name": "turbo", "model": str(tiny_models["edge"]), "cost": 0.5, "steps": 1},
+        {"name": "base", "model": str(tiny_models["edge"]), "cost": 1.0, "steps": 3},
+        {"name": "large", "model": str(tiny_models["cloud"]), "cost": 10.0, "queue": "gpu-large"},
+    ]
+    env = {
+        "T2IROUTE_TIERS": json.dumps(tiers),
+        "T2IROUTE_BUDGET_PER_REQUEST": "3",
+        "T2IROUTE_CLOUD_BURST": "1",
+        "T2IROUTE_EXPLORATION_RATE": "0.5",
+    }
+    with (
+        celery_worker("route,quality", "router", env=env),
+        celery_worker("", "gpu-small", env=env, tiers="turbo,base"),
+        celery_worker("", "gpu-large", env=env, tiers="large"),
+    ):
+        ids = [submit(prompt, seed=i).request_id for i, prompt in enumerate(PROMPTS)]
+        states = wait_until_final(ids, timeout=240)
+        wait_until_steps_closed(ids, timeout=120)
+    assert set(states.values()) == {"done"}, states
+    with session_scope(clean_db) as session:
+        decisions = list(session.scalars(select(RoutingDecision)))
+        assert len(decisions) == len(ids)
+        spent = 0.0
+        for decision in decisions:
+            assert set(decision.predicted_quality) == {"turbo", "base", "large"}
+            assert decision.tier in ("turbo", "base", "large")
+            generated = {g.tier for g in queries.generations_of(session, decision.request_id)}
+            assert generated == set(queries.wanted_tiers(decision))
+            assert set(queries.scored_tiers(session, decision.request_id, "v1")) == generated
+            spent += decision.spent
+        # B * N + C: B = 3 cost units a request, C = one image of the dearest tier (9.5).
+        assert spent <= 3 * len(ids) + 9.5
+        # Every image above the cheapest tier's price was paid for.
+        extra = {"turbo": 0.0, "base": 0.5, "large": 9.5}
+        rows = session.execute(select(Generation.tier, func.count()).group_by(Generation.tier))
+        assert sum(extra[tier] * n for tier, n in rows) == pytest.approx(spent)
