@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, inspect, select, update
+from sqlalchemy import ColumnElement, case, func, inspect, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -108,6 +108,15 @@ def record_steps(session: Session, request_id: str, steps: Sequence[str]) -> lis
     return [step for step in steps if step in recorded]
 
 
+def _open_step(request_id: str, step: str) -> tuple[ColumnElement[bool], ...]:
+    """The conditions that pick one step of a request while it is open."""
+    return (
+        Dispatch.request_id == request_id,
+        Dispatch.step == step,
+        Dispatch.status.in_(OPEN_STEP_STATUSES),
+    )
+
+
 @dataclass(frozen=True)
 class StepStart:
     """A delivery that found its step open. ``failures`` counts the holder that died before
@@ -125,11 +134,7 @@ def start_step(
     died = case((Dispatch.status == StepStatus.RUNNING, 1), else_=0) if redelivered else 0
     row = session.execute(
         update(Dispatch)
-        .where(
-            Dispatch.request_id == request_id,
-            Dispatch.step == step,
-            Dispatch.status.in_(OPEN_STEP_STATUSES),
-        )
+        .where(*_open_step(request_id, step))
         .values(
             status=StepStatus.RUNNING,
             starts=Dispatch.starts + 1,
@@ -147,11 +152,7 @@ def finish_step(
     """Close an open step. True if this call closed it."""
     result = session.execute(
         update(Dispatch)
-        .where(
-            Dispatch.request_id == request_id,
-            Dispatch.step == step,
-            Dispatch.status.in_(OPEN_STEP_STATUSES),
-        )
+        .where(*_open_step(request_id, step))
         .values(status=status, finished_at=func.now())
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
@@ -161,11 +162,7 @@ def fail_attempt(session: Session, request_id: str, step: str, error: str) -> in
     """Count one failed attempt of an open step and return the count (None if closed)."""
     return session.scalar(
         update(Dispatch)
-        .where(
-            Dispatch.request_id == request_id,
-            Dispatch.step == step,
-            Dispatch.status.in_(OPEN_STEP_STATUSES),
-        )
+        .where(*_open_step(request_id, step))
         .values(
             failures=Dispatch.failures + 1,
             status=StepStatus.PENDING,
