@@ -42,6 +42,7 @@ class Base(DeclarativeBase):
         dict[str, float]: JSON,
         list[float]: JSON,
         list[str]: JSON,
+        list[dict[str, Any]]: JSON,
     }
 
 
@@ -126,6 +127,10 @@ class RoutingDecision(Base):
     # When the chosen tier could not serve (its worker kept failing, or it was out of
     # service), the tier it was and why.
     rerouted_from: Mapped[str | None] = _tier_column(nullable=True)
+    # Escalation: a tier being generated because the answer scored below the threshold, and
+    # every escalation made ({"from", "to", "quality_from", "quality_to"}).
+    escalating_to: Mapped[str | None] = _tier_column(nullable=True)
+    escalations: Mapped[list[dict[str, Any]]] = mapped_column(nullable=False, default=list)
     reroute_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _utc_now_column()
 

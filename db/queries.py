@@ -343,7 +343,11 @@ def get_generation(session: Session, request_id: str, tier: str) -> Generation |
 def wanted_tiers(decision: RoutingDecision) -> tuple[str, ...]:
     """An exploration sample is generated on both tiers; any other request on the tier that
     serves its answer. Only the answer's tier decides when the request is done."""
-    return (decision.tier, *(t for t in decision.explored if t != decision.tier))
+    escalated = [e["to"] for e in decision.escalations]
+    if decision.escalating_to is not None:
+        escalated.append(decision.escalating_to)
+    others = [t for t in (*decision.explored, *escalated) if t != decision.tier]
+    return (decision.tier, *dict.fromkeys(others))
 
 
 def generations_of(session: Session, request_id: str) -> list[Generation]:

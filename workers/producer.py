@@ -332,6 +332,7 @@ def describe(request_id: str, *, settings: Settings | None = None) -> dict[str, 
                 "budget_reason": decision.budget_reason,
                 "rerouted_from": decision.rerouted_from,
                 "reroute_reason": decision.reroute_reason,
+                "escalations": decision.escalations,
             },
             "steps": [
                 {

@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     default_height: int = 64
     default_steps: int = 2
 
+    # Escalation (off by default): an answer whose mean quality is below the threshold is
+    # generated again on the next dearer tier, within the budget; the better image answers.
+    escalation_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_escalations: int = Field(default=1, ge=0)
+
     # Reliability. An attempt is a failure (a stage that raised, or a worker that died holding
     # the message), never a delivery: a step gives up after ``max_attempts`` of them.
     max_attempts: int = Field(default=3, ge=1)

@@ -179,10 +179,12 @@ def score_image(
     *,
     scorer: ContrastiveQualityScorer,
     store: ImageStore,
+    escalation: Escalation | None = None,
 ) -> list[Step]:
     """Score one tier's image on the ten metrics. The request is done when the tier of its
-    answer is scored; an exploration sample's other tiers are labels, scored on the side."""
-    _request(session, request_id)
+    answer is scored (and, under ``escalation``, good enough or escalated as far as allowed);
+    an exploration sample's other tiers are labels, scored on the side."""
+    request = _request(session, request_id)
     generation = queries.get_generation(session, request_id, tier)
     if generation is None:
         raise RequestGone(f"{request_id} has no {tier} image to score")
@@ -207,9 +209,98 @@ def score_image(
     if decision is None:
         raise RequestGone(f"{request_id} has no decision")
     scored = queries.scored_tiers(session, request_id, version)
-    if decision.tier in scored:
-        queries.transition(session, request_id, from_status=Status.ROUTED, to_status=Status.DONE)
-    return _hand_on(session, request_id, flow.score(tier), [])
+    needed: list[Step] = []
+    if decision.escalating_to is not None:
+        if decision.escalating_to in scored:
+            _settle_escalation(decision, scored)
+            _finish(session, request_id)
+    elif decision.tier in scored:
+        # Only the answer's own score, once, may escalate (not a label scored later).
+        answering = tier == decision.tier and request.status is Status.ROUTED
+        up = (
+            escalation.next_tier(session, decision, scored)
+            if escalation is not None and answering
+            else None
+        )
+        if up is None:
+            _finish(session, request_id)
+        elif up in scored:
+            # Explored already: the better of the two answers, at no further cost.
+            _escalate(decision, up, scored)
+            _settle_escalation(decision, scored)
+            _finish(session, request_id)
+        else:
+            _escalate(decision, up, scored)
+            needed = [flow.generate(up)]
+    return _hand_on(session, request_id, flow.score(tier), needed)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _finish(session: Session, request_id: str) -> None:
+    queries.transition(session, request_id, from_status=Status.ROUTED, to_status=Status.DONE)
+
+
+def _escalate(decision: RoutingDecision, up: str, scored: Mapping[str, list[float]]) -> None:
+    log.info("request %s escalated from %s to %s", decision.request_id, decision.tier, up)
+    decision.escalating_to = up
+    # A new list: SQLAlchemy does not see a JSON value changed in place.
+    decision.escalations = [
+        *decision.escalations,
+        {"from": decision.tier, "to": up, "quality_from": _mean(scored[decision.tier])},
+    ]
+
+
+def _settle_escalation(decision: RoutingDecision, scored: Mapping[str, list[float]]) -> None:
+    """The escalated image is scored: the better of the two is the answer."""
+    up = decision.escalating_to
+    assert up is not None
+    *earlier, last = decision.escalations
+    quality_to = _mean(scored[up])
+    decision.escalations = [*earlier, {**last, "quality_to": quality_to}]
+    if quality_to > last["quality_from"]:
+        decision.tier = up
+    decision.escalating_to = None
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """The escalation policy: an answer whose mean quality is below ``threshold`` is
+    generated again on the next dearer tier of the pool in service, at most ``limit`` times
+    per request, each paid from the budget (refused: the answer stands)."""
+
+    threshold: float
+    limit: int
+    budget: BudgetKeeper
+    pool: Pool
+
+    def next_tier(
+        self, session: Session, decision: RoutingDecision, scored: Mapping[str, list[float]]
+    ) -> str | None:
+        made = len(decision.escalations)
+        if made >= self.limit or _mean(scored[decision.tier]) >= self.threshold:
+            return None
+        down = queries.unavailable_tiers(session)
+        given_up = (StepStatus.FAILED, StepStatus.ABANDONED)
+        cost = self.pool[decision.tier].cost
+        dearer = [
+            t.name
+            for t in self.pool
+            if t.cost > cost
+            and t.name not in down
+            and queries.step_status(session, decision.request_id, flow.generate(t.name).key)
+            not in given_up
+        ]
+        if not dearer:
+            return None
+        if dearer[0] in scored:
+            return dearer[0]
+        granted = self.budget.decide(
+            f"{decision.request_id}/escalate/{made}", preference=[dearer[0]]
+        )
+        return dearer[0] if granted.tier == dearer[0] else None
 
 
 def give_up(
@@ -228,6 +319,15 @@ def give_up(
     decision = queries.get_decision(session, request_id, for_update=True)
     if step.tier is None or decision is None:
         queries.fail(session, request_id, reason)
+        return []
+    if step.tier == decision.escalating_to:
+        # The escalated tier could not make its image: the answer already made stands.
+        log.warning("escalation %s of %s dropped: %s", step.key, request_id, reason)
+        queries.finish_step(session, request_id, step.key, StepStatus.ABANDONED)
+        *earlier, last = decision.escalations
+        decision.escalations = [*earlier, {**last, "failed": reason[:500]}]
+        decision.escalating_to = None
+        _finish(session, request_id)
         return []
     if step.tier != decision.tier:
         log.warning("exploration step %s of %s dropped: %s", step.key, request_id, reason)
@@ -263,7 +363,7 @@ def give_up(
     decision.reroute_reason = reason[:4000]
     decision.tier = replacement
     if replacement in queries.scored_tiers(session, request_id, METRICS_VERSION):
-        queries.transition(session, request_id, from_status=Status.ROUTED, to_status=Status.DONE)
+        _finish(session, request_id)
         return []
     needed = flow.generate(replacement)
     if queries.step_status(session, request_id, needed.key) is StepStatus.DONE:

@@ -164,6 +164,15 @@ def _failed_attempt(
     raise task.retry(exc=exc, countdown=failure_backoff(failures), max_retries=None)
 
 
+def escalation() -> stages.Escalation | None:
+    settings = get_settings()
+    if settings.escalation_threshold is None or settings.max_escalations == 0:
+        return None
+    return stages.Escalation(
+        settings.escalation_threshold, settings.max_escalations, budget_keeper(), settings.pool
+    )
+
+
 def _in_transaction(work: Callable[[Session], list[Step]]) -> list[Step]:
     with session_scope(get_settings().database_url) as session:
         return work(session)
@@ -233,7 +242,12 @@ def score(self: Task, request_id: str, tier: str) -> None:
         flow.score(tier),
         lambda: _in_transaction(
             lambda s: stages.score_image(
-                s, request_id, tier, scorer=quality_scorer(get_settings()), store=image_store()
+                s,
+                request_id,
+                tier,
+                scorer=quality_scorer(get_settings()),
+                store=image_store(),
+                escalation=escalation(),
             )
         ),
     )

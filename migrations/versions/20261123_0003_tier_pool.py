@@ -13,6 +13,8 @@ Two-tier rows are kept, converted:
   the default pool (1 and 10), the lambda that makes the same decisions;
 * ``wants_cloud`` becomes ``wanted_tier``, ``explore`` the list ``explored`` (the other tier),
   and ``spent`` is what the cloud-ratio bucket charged in cost units (9 per cloud image);
+* decisions can record escalations (a tier generated again one step up when the answer
+  scored below a threshold): none for the rows already there;
 * ``training_pairs`` goes: both tiers' metric vectors are in ``quality_scores``, per (request,
   tier), and pairs (or any subset of a pool) are built from them at training time.
 """
@@ -56,6 +58,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("wanted_tier", sa.String(TIER_LENGTH), nullable=True))
         batch.add_column(sa.Column("explored", sa.JSON(), nullable=True))
         batch.add_column(sa.Column("spent", sa.Float(), nullable=True))
+        batch.add_column(sa.Column("escalating_to", sa.String(TIER_LENGTH), nullable=True))
+        batch.add_column(sa.Column("escalations", sa.JSON(), nullable=True))
     other = "CASE WHEN tier = 'edge' THEN 'cloud' ELSE 'edge' END"
     op.execute(
         "UPDATE routing_decisions SET "
@@ -63,7 +67,8 @@ def upgrade() -> None:
         f"tradeoff = (0.5 - alpha) / {COST_GAP}, "
         "wanted_tier = CASE WHEN wants_cloud THEN 'cloud' ELSE 'edge' END, "
         f"explored = CASE WHEN explore THEN {arr}({other}) ELSE {empty} END, "
-        f"spent = CASE WHEN tier = 'cloud' OR explore THEN {COST_GAP} ELSE 0.0 END"
+        f"spent = CASE WHEN tier = 'cloud' OR explore THEN {COST_GAP} ELSE 0.0 END, "
+        f"escalations = {empty}"
     )
     with op.batch_alter_table("routing_decisions") as batch:
         for column, kind in (
@@ -72,6 +77,7 @@ def upgrade() -> None:
             ("wanted_tier", sa.String(TIER_LENGTH)),
             ("explored", sa.JSON()),
             ("spent", sa.Float()),
+            ("escalations", sa.JSON()),
         ):
             batch.alter_column(column, existing_type=kind, nullable=False)
         for column in ("predicted_prs", "alpha", "wants_cloud", "explore"):
@@ -151,7 +157,15 @@ def downgrade() -> None:
             ("explore", sa.Boolean()),
         ):
             batch.alter_column(column, existing_type=kind, nullable=False)
-        for column in ("predicted_quality", "tradeoff", "wanted_tier", "explored", "spent"):
+        for column in (
+            "predicted_quality",
+            "tradeoff",
+            "wanted_tier",
+            "explored",
+            "spent",
+            "escalating_to",
+            "escalations",
+        ):
             batch.drop_column(column)
         for column, nullable in (("tier", False), ("rerouted_from", True)):
             batch.alter_column(

@@ -73,3 +73,41 @@ def test_a_three_tier_pool_serves_every_request_within_its_cost_budget(
         extra = {"turbo": 0.0, "base": 0.5, "large": 9.5}
         rows = session.execute(select(Generation.tier, func.count()).group_by(Generation.tier))
         assert sum(extra[tier] * n for tier, n in rows) == pytest.approx(spent)
+
+
+def test_answers_below_the_threshold_escalate_one_tier_up(
+    tiny_models: dict[str, Path],
+    database: str,
+    clean_db: str,
+    settings: Settings,
+    clean_redis: redis.Redis,
+) -> None:
+    """A threshold no tiny image reaches forces every edge answer up to the cloud."""
+    env = {
+        "T2IROUTE_ESCALATION_THRESHOLD": "1.0",
+        "T2IROUTE_CLOUD_RATIO": "1",
+        "T2IROUTE_EXPLORATION_RATE": "0",
+    }
+    with (
+        celery_worker("route,quality", "router", env=env),
+        celery_worker("", "gpu", env=env, tiers="edge,cloud"),
+    ):
+        ids = [submit(prompt, seed=i).request_id for i, prompt in enumerate(PROMPTS)]
+        states = wait_until_final(ids, timeout=240)
+        wait_until_steps_closed(ids, timeout=120)
+    assert set(states.values()) == {"done"}, states
+    with session_scope(clean_db) as session:
+        escalated = 0
+        for decision in session.scalars(select(RoutingDecision)):
+            quality = queries.mean_quality_of(session, decision.request_id)
+            if decision.escalations:
+                escalated += 1
+                (made,) = decision.escalations
+                assert (made["from"], made["to"]) == ("edge", "cloud")
+                assert set(quality) == {"edge", "cloud"}
+                # The better image answers.
+                assert decision.tier == max(quality, key=lambda t: quality[t])
+            else:
+                assert decision.tier == "cloud" and set(quality) == {"cloud"}
+            assert decision.escalating_to is None
+        assert escalated > 0

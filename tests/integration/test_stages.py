@@ -216,3 +216,81 @@ def test_a_failing_answer_tier_is_replaced_by_one_that_works(
             session, request_id, flow.score(other), "scorer broke", budget, settings.pool
         )
         assert gave_up == []
+
+
+def _score(
+    url: str, request_id: str, tier: str, settings: Settings, **escalate: object
+) -> list[Step]:
+    escalation = stages.Escalation(**escalate) if escalate else None  # type: ignore[arg-type]
+    with session_scope(url) as session:
+        return stages.score_image(
+            session,
+            request_id,
+            tier,
+            scorer=quality_scorer(settings),
+            store=ImageStore(settings.image_store),
+            escalation=escalation,
+        )
+
+
+def test_an_answer_below_the_threshold_is_made_again_one_tier_up(
+    tiny_models: dict[str, Path], clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    """The escalated image is generated and scored; the better of the two answers; the
+    escalation is recorded with both qualities and paid for once."""
+    request_id = submit("a lighthouse in a storm", seed=6).request_id
+    (step,) = _route(clean_db, request_id, settings, _keeper(settings, cloud_ratio=0.0))
+    assert step.tier == "edge"
+    budget = _keeper(settings, exploration_rate=0.0, cloud_ratio=1.0)
+    store = ImageStore(settings.image_store)
+    _generate(clean_db, request_id, "edge", store)
+    escalate = {"threshold": 1.0, "limit": 1, "budget": budget, "pool": settings.pool}
+    assert _score(clean_db, request_id, "edge", settings, **escalate) == [flow.generate("cloud")]
+    assert _status(clean_db, request_id) is Status.ROUTED
+    assert _generate(clean_db, request_id, "cloud", store) == [flow.score("cloud")]
+    assert _score(clean_db, request_id, "cloud", settings, **escalate) == []
+    assert _status(clean_db, request_id) is Status.DONE
+    with session_scope(clean_db) as session:
+        decision = queries.get_decision(session, request_id)
+        assert decision is not None and decision.escalating_to is None
+        (made,) = decision.escalations
+        assert (made["from"], made["to"]) == ("edge", "cloud")
+        better = "cloud" if made["quality_to"] > made["quality_from"] else "edge"
+        assert decision.tier == better
+        quality = queries.mean_quality_of(session, request_id)
+        assert made["quality_from"] == pytest.approx(quality["edge"])
+        assert made["quality_to"] == pytest.approx(quality["cloud"])
+    assert budget.stats()["cloud_generations"] == 1
+
+
+def test_an_escalation_the_budget_refuses_leaves_the_answer(
+    tiny_models: dict[str, Path], clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    request_id = submit("a lighthouse in a storm", seed=6).request_id
+    budget = _keeper(settings, exploration_rate=0.0, cloud_ratio=0.0)
+    _route(clean_db, request_id, settings, budget)
+    _generate(clean_db, request_id, "edge", ImageStore(settings.image_store))
+    escalate = {"threshold": 1.0, "limit": 1, "budget": budget, "pool": settings.pool}
+    assert _score(clean_db, request_id, "edge", settings, **escalate) == []
+    assert _status(clean_db, request_id) is Status.DONE
+    with session_scope(clean_db) as session:
+        decision = queries.get_decision(session, request_id)
+        assert decision is not None and decision.escalations == []
+
+
+def test_a_failed_escalation_leaves_the_answer_already_made(
+    tiny_models: dict[str, Path], clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    request_id = submit("a lighthouse in a storm", seed=6).request_id
+    _route(clean_db, request_id, settings, _keeper(settings, cloud_ratio=0.0))
+    budget = _keeper(settings, exploration_rate=0.0, cloud_ratio=1.0)
+    _generate(clean_db, request_id, "edge", ImageStore(settings.image_store))
+    escalate = {"threshold": 1.0, "limit": 1, "budget": budget, "pool": settings.pool}
+    assert _score(clean_db, request_id, "edge", settings, **escalate) == [flow.generate("cloud")]
+    with session_scope(clean_db) as session:
+        stages.give_up(session, request_id, flow.generate("cloud"), "broken", budget, settings.pool)
+    assert _status(clean_db, request_id) is Status.DONE
+    with session_scope(clean_db) as session:
+        decision = queries.get_decision(session, request_id)
+        assert decision is not None and decision.tier == "edge"
+        assert decision.escalations[0]["failed"] == "broken"
