@@ -78,14 +78,14 @@ def queued(client: redis.Redis, queue: str) -> list[TaskMessage]:
 
 
 def held(client: redis.Redis) -> list[TaskMessage]:
-    """Every message delivered to a worker and not yet acknowledged."""
-    return snapshot(client, [])[1]
+    """Every message delivered to a worker and not yet acknowledged, of any queue."""
+    return [_message(json.loads(raw)[0]) for raw in client.hvals(UNACKED_KEY)]
 
 
 def snapshot(client: redis.Redis, queues: list[str]) -> tuple[list[TaskMessage], list[TaskMessage]]:
-    """The messages waiting in the queues, and those held unacknowledged, read in one
-    MULTI/EXEC: read one after the other, a message taken from a queue between the two
-    reads would be counted in both."""
+    """The messages waiting in the queues, and those of the queues held unacknowledged, read
+    in one MULTI/EXEC: read one after the other, a message taken from a queue between the
+    two reads would be counted in both."""
     keys = [key for queue in queues for key in _keys(client, queue)]
     pipe = client.pipeline(transaction=True)
     for key in keys:
