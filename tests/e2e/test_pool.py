@@ -4,6 +4,7 @@ tiny pipelines, one of them also at another step count, each tier on its own que
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,19 @@ PROMPTS = (
 )
 
 
+def _serve_every_prompt(env: dict[str, str], gpu_workers: dict[str, str]) -> None:
+    """Submit every prompt to a router worker and one worker per group of tiers, all with
+    ``env``; every request must end done, its steps all closed."""
+    with ExitStack() as workers:
+        workers.enter_context(celery_worker("route,quality", "router", env=env))
+        for name, tiers in gpu_workers.items():
+            workers.enter_context(celery_worker("", name, env=env, tiers=tiers))
+        ids = [submit(prompt, seed=i).request_id for i, prompt in enumerate(PROMPTS)]
+        states = wait_until_final(ids, timeout=240)
+        wait_until_steps_closed(ids, timeout=120)
+    assert set(states.values()) == {"done"}, states
+
+
 def test_a_three_tier_pool_serves_every_request_within_its_cost_budget(
     tiny_models: dict[str, Path],
     database: str,
@@ -47,18 +61,10 @@ def test_a_three_tier_pool_serves_every_request_within_its_cost_budget(
         "T2IROUTE_CLOUD_BURST": "1",
         "T2IROUTE_EXPLORATION_RATE": "0.5",
     }
-    with (
-        celery_worker("route,quality", "router", env=env),
-        celery_worker("", "gpu-small", env=env, tiers="turbo,base"),
-        celery_worker("", "gpu-large", env=env, tiers="large"),
-    ):
-        ids = [submit(prompt, seed=i).request_id for i, prompt in enumerate(PROMPTS)]
-        states = wait_until_final(ids, timeout=240)
-        wait_until_steps_closed(ids, timeout=120)
-    assert set(states.values()) == {"done"}, states
+    _serve_every_prompt(env, {"gpu-small": "turbo,base", "gpu-large": "large"})
     with session_scope(clean_db) as session:
         decisions = list(session.scalars(select(RoutingDecision)))
-        assert len(decisions) == len(ids)
+        assert len(decisions) == len(PROMPTS)
         spent = 0.0
         for decision in decisions:
             assert set(decision.predicted_quality) == {"turbo", "base", "large"}
@@ -68,7 +74,7 @@ def test_a_three_tier_pool_serves_every_request_within_its_cost_budget(
             assert set(queries.scored_tiers(session, decision.request_id, "v1")) == generated
             spent += decision.spent
         # B * N + C: B = 3 cost units a request, C = one image of the dearest tier (9.5).
-        assert spent <= 3 * len(ids) + 9.5
+        assert spent <= 3 * len(PROMPTS) + 9.5
         # Every image above the cheapest tier's price was paid for.
         extra = {"turbo": 0.0, "base": 0.5, "large": 9.5}
         rows = session.execute(select(Generation.tier, func.count()).group_by(Generation.tier))
@@ -88,14 +94,7 @@ def test_answers_below_the_threshold_escalate_one_tier_up(
         "T2IROUTE_CLOUD_RATIO": "1",
         "T2IROUTE_EXPLORATION_RATE": "0",
     }
-    with (
-        celery_worker("route,quality", "router", env=env),
-        celery_worker("", "gpu", env=env, tiers="edge,cloud"),
-    ):
-        ids = [submit(prompt, seed=i).request_id for i, prompt in enumerate(PROMPTS)]
-        states = wait_until_final(ids, timeout=240)
-        wait_until_steps_closed(ids, timeout=120)
-    assert set(states.values()) == {"done"}, states
+    _serve_every_prompt(env, {"gpu": "edge,cloud"})
     with session_scope(clean_db) as session:
         escalated = 0
         for decision in session.scalars(select(RoutingDecision)):
