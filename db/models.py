@@ -100,8 +100,9 @@ class GenerationRequest(Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _utc_now_column()
     updated_at: Mapped[datetime] = _utc_now_column()
-
-    __table_args__ = (Index("ix_generation_requests_status_updated", "status", "updated_at"),)
+    # No index on status: nothing selects requests by status alone, and with one a fresh
+    # table's planner took it for transition()'s ``id = ... AND status IN (...)``, reading
+    # every request in that status; without it a transition is also a HOT update.
 
 
 class RoutingDecision(Base):
@@ -133,6 +134,10 @@ class RoutingDecision(Base):
     escalations: Mapped[list[dict[str, Any]]] = mapped_column(nullable=False, default=list)
     reroute_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _utc_now_column()
+
+    # recent_predictions(): a version's latest decisions, newest first, without reading
+    # every other version's.
+    __table_args__ = (Index("ix_routing_decisions_router_version_id", "router_version", "id"),)
 
 
 class Generation(Base):
@@ -170,7 +175,7 @@ class QualityScore(Base):
 
     __table_args__ = (
         UniqueConstraint("generation_id", "metrics_version", name="uq_quality_scores_generation"),
-        Index("ix_quality_scores_request", "request_id"),
+        Index("ix_quality_scores_request_version", "request_id", "metrics_version"),
     )
 
 
@@ -218,11 +223,15 @@ class Dispatch(Base):
 
     __table_args__ = (
         UniqueConstraint("request_id", "step", name="uq_dispatches_request_step"),
+        # The sweeper's steps not finished yet, by age. The condition is finished_at, which
+        # every close sets, not the status: a lookup of a request's open steps by status
+        # then cannot take this index for one that reads every open step, and a change of
+        # status between pending and running stays a HOT update.
         Index(
-            "ix_dispatches_open",
+            "ix_dispatches_unfinished",
             "dispatched_at",
-            postgresql_where=text("status IN ('pending', 'running')"),
-            sqlite_where=text("status IN ('pending', 'running')"),
+            postgresql_where=text("finished_at IS NULL"),
+            sqlite_where=text("finished_at IS NULL"),
         ),
     )
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, func, inspect, select, update
+from sqlalchemy import ColumnElement, case, column, func, inspect, select, update, values
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -221,7 +221,13 @@ def overdue_steps(session: Session, cutoff: datetime, limit: int) -> list[Overdu
             last_sign,
             Dispatch.started_at,
         )
-        .where(Dispatch.status.in_(OPEN_STEP_STATUSES), last_sign < cutoff)
+        # finished_at IS NULL is what ix_dispatches_unfinished holds: the open steps only,
+        # however many are done.
+        .where(
+            Dispatch.finished_at.is_(None),
+            Dispatch.status.in_(OPEN_STEP_STATUSES),
+            last_sign < cutoff,
+        )
         .order_by(Dispatch.dispatched_at)
         .limit(limit)
     )
@@ -253,20 +259,30 @@ def mark_seen(session: Session, step_ids: Sequence[int], now: datetime) -> None:
         session.execute(update(Dispatch).where(Dispatch.id.in_(step_ids)).values(seen_at=now))
 
 
-def claim_resend(session: Session, overdue: OverdueStep, now: datetime) -> int | None:
-    """Count one more message for a lost step, unless a worker touched it since it was read
-    (then it is not lost). The new send number, or None."""
-    return session.scalar(
-        update(Dispatch)
-        .where(
-            Dispatch.id == overdue.id,
-            Dispatch.status == overdue.status,
-            Dispatch.starts == overdue.starts,
-            Dispatch.sends == overdue.sends,
-        )
-        .values(sends=Dispatch.sends + 1, dispatched_at=now, status=StepStatus.PENDING)
-        .returning(Dispatch.sends)
+def claim_resends(
+    session: Session, overdue: Sequence[OverdueStep], now: datetime
+) -> dict[int, int]:
+    """Count one more message for each lost step, in one statement, except a step a worker
+    or another sweeper touched since it was read (its status, starts or sends moved: it is
+    not lost). Step id -> its new send number, for the steps claimed."""
+    if not overdue:
+        return {}
+    fields = (Dispatch.id, Dispatch.status, Dispatch.starts, Dispatch.sends)
+    read = (
+        values(*(column(field.key, field.type) for field in fields), name="read")
+        .data([(step.id, step.status, step.starts, step.sends) for step in overdue])
+        .cte("read")
     )
+    rows = session.execute(
+        update(Dispatch)
+        # id IN as well as the join: a planner that guesses a small table would otherwise
+        # hash the read rows and scan every step for them.
+        .where(Dispatch.id.in_([step.id for step in overdue]))
+        .where(*(field == read.c[field.key] for field in fields))
+        .values(sends=Dispatch.sends + 1, dispatched_at=now, status=StepStatus.PENDING)
+        .returning(Dispatch.id, Dispatch.sends)
+    )
+    return {int(step_id): int(sends) for step_id, sends in rows}
 
 
 # --- tier health (circuit breaker) -----------------------------------------------------------
@@ -346,8 +362,12 @@ def wanted_tiers(decision: RoutingDecision) -> tuple[str, ...]:
     escalated = [e["to"] for e in decision.escalations]
     if decision.escalating_to is not None:
         escalated.append(decision.escalating_to)
-    others = [t for t in (*decision.explored, *escalated) if t != decision.tier]
-    return (decision.tier, *dict.fromkeys(others))
+    return tiers_wanted(decision.tier, [*decision.explored, *escalated])
+
+
+def tiers_wanted(answer: str, others: Sequence[str]) -> tuple[str, ...]:
+    """The answer's tier first, then each other tier once."""
+    return (answer, *dict.fromkeys(t for t in others if t != answer))
 
 
 def generations_of(session: Session, request_id: str) -> list[Generation]:
@@ -522,3 +542,163 @@ def batch_report(session: Session, request_ids: Sequence[str]) -> BatchReport:
         mean_quality=quality,
         failures=failures,
     )
+
+
+# --- many requests at once (a batch of messages) ---------------------------------------------
+#
+# The batched stages read and write the requests of a batch in one statement each: a request
+# id list (``IN``) on the primary key or the (request_id, step) and (request_id, tier) unique
+# indexes, and one step or tier per statement, so every plan is an index lookup per id.
+
+
+def insert_ignore_many(session: Session, model: type[Base], rows: Sequence[dict[str, Any]]) -> int:
+    """Insert the rows no unique constraint already holds; the number inserted."""
+    if not rows:
+        return 0
+    key = inspect(model).primary_key[0]
+    statement = _insert(session, model).values(list(rows)).on_conflict_do_nothing()
+    return len(session.execute(statement.returning(key)).all())
+
+
+def get_requests(session: Session, request_ids: Sequence[str]) -> dict[str, GenerationRequest]:
+    if not request_ids:
+        return {}
+    rows = session.scalars(
+        select(GenerationRequest).where(GenerationRequest.id.in_(list(request_ids)))
+    )
+    return {row.id: row for row in rows}
+
+
+def get_decisions(
+    session: Session, request_ids: Sequence[str], *, for_update: bool = False
+) -> dict[str, RoutingDecision]:
+    """The decisions of these requests; ``for_update`` locks them in id order (two batches
+    that share requests then wait for each other instead of deadlocking)."""
+    if not request_ids:
+        return {}
+    statement = (
+        select(RoutingDecision)
+        .where(RoutingDecision.request_id.in_(sorted(request_ids)))
+        .order_by(RoutingDecision.request_id)
+    )
+    rows = session.scalars(statement.with_for_update() if for_update else statement)
+    return {row.request_id: row for row in rows}
+
+
+def get_generations(
+    session: Session, request_ids: Sequence[str], tiers: Sequence[str]
+) -> dict[tuple[str, str], Generation]:
+    """The images of these requests on these tiers, by (request id, tier). The tiers make
+    the lookup selective enough for the (request_id, tier) index on a table with no
+    statistics yet (an ``IN`` on request_id alone is estimated at a sixth of the table)."""
+    if not request_ids or not tiers:
+        return {}
+    rows = session.scalars(
+        select(Generation).where(
+            Generation.request_id.in_(list(request_ids)), Generation.tier.in_(sorted(set(tiers)))
+        )
+    )
+    return {(row.request_id, row.tier): row for row in rows}
+
+
+def scored_tiers_many(
+    session: Session, request_ids: Sequence[str], metrics_version: str
+) -> dict[str, dict[str, list[float]]]:
+    """``scored_tiers`` of each request (an empty mapping for one not scored yet)."""
+    scored: dict[str, dict[str, list[float]]] = {rid: {} for rid in request_ids}
+    if not request_ids:
+        return scored
+    rows = session.execute(
+        select(QualityScore.request_id, QualityScore.tier, QualityScore.scores).where(
+            QualityScore.request_id.in_(list(request_ids)),
+            QualityScore.metrics_version == metrics_version,
+        )
+    )
+    for request_id, tier, scores in rows:
+        scored.setdefault(request_id, {})[tier] = list(scores["values"])
+    return scored
+
+
+def transition_many(
+    session: Session, request_ids: Sequence[str], *, from_status: Status, to_status: Status
+) -> set[str]:
+    """``transition`` for many requests; the ids that moved."""
+    if not request_ids:
+        return set()
+    moved = session.scalars(
+        update(GenerationRequest)
+        .where(
+            GenerationRequest.id.in_(list(request_ids)),
+            GenerationRequest.status == from_status,
+        )
+        .values(status=to_status, updated_at=func.now())
+        .returning(GenerationRequest.id)
+    )
+    return set(moved)
+
+
+def start_steps(
+    session: Session, request_ids: Sequence[str], step: str, *, redelivered: Sequence[str] = ()
+) -> dict[str, StepStart]:
+    """``start_step`` for the deliveries of one step of many requests; ``redelivered`` names
+    the requests whose message the broker delivered again. Requests whose step is not open
+    are left out (their deliveries are duplicates)."""
+    if not request_ids:
+        return {}
+    again = sorted(set(redelivered))
+    died = (
+        case(
+            (
+                (Dispatch.status == StepStatus.RUNNING) & Dispatch.request_id.in_(again),
+                1,
+            ),
+            else_=0,
+        )
+        if again
+        else 0
+    )
+    rows = session.execute(
+        update(Dispatch)
+        .where(
+            Dispatch.request_id.in_(list(request_ids)),
+            Dispatch.step == step,
+            Dispatch.status.in_(OPEN_STEP_STATUSES),
+        )
+        .values(
+            status=StepStatus.RUNNING,
+            starts=Dispatch.starts + 1,
+            failures=Dispatch.failures + died,
+            started_at=func.now(),
+        )
+        .returning(Dispatch.request_id, Dispatch.failures, Dispatch.starts)
+    )
+    return {rid: StepStart(failures=int(f), starts=int(s)) for rid, f, s in rows}
+
+
+def finish_steps(
+    session: Session, request_ids: Sequence[str], step: str, status: StepStatus = StepStatus.DONE
+) -> None:
+    """``finish_step`` for one step of many requests."""
+    if request_ids:
+        session.execute(
+            update(Dispatch)
+            .where(
+                Dispatch.request_id.in_(list(request_ids)),
+                Dispatch.step == step,
+                Dispatch.status.in_(OPEN_STEP_STATUSES),
+            )
+            .values(status=status, finished_at=func.now())
+        )
+
+
+def record_steps_many(session: Session, steps: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """``record_steps`` for many requests: the (request id, step) pairs not recorded before."""
+    if not steps:
+        return set()
+    statement = (
+        _insert(session, Dispatch)
+        .values([{"request_id": rid, "step": step} for rid, step in dict.fromkeys(steps)])
+        .on_conflict_do_nothing()
+        .returning(Dispatch.request_id, Dispatch.step)
+    )
+    return {(rid, step) for rid, step in session.execute(statement)}

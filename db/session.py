@@ -24,13 +24,28 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# Pre-ping costs a round trip on every checkout. Worker processes turn it off
+# (``skip_pre_ping``): a pooled connection that a database restart broke fails its
+# statement instead, the tasks retry sqlalchemy's OperationalError and InterfaceError as
+# transient with backoff, and the disconnect error invalidates the whole pool, so the
+# retry connects afresh. The API and the CLI keep it: a request that a client made must
+# not fail on a connection the database closed an hour ago.
+_pre_ping = True
+
+
+def skip_pre_ping() -> None:
+    """No pre-ping for the engines this process creates from now on (worker processes)."""
+    global _pre_ping
+    _pre_ping = False
+
+
 def get_engine(url: str) -> Engine:
     if url not in _engines:
         if url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
-            engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+            engine = create_engine(url, pool_pre_ping=_pre_ping, pool_size=5, max_overflow=5)
         _engines[url] = engine
     return _engines[url]
 

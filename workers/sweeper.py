@@ -96,7 +96,11 @@ def sweep(
     pool: Pool,
 ) -> tuple[list[Send], list[Step]]:
     """Re-send lost steps; return the messages to send after commit, and the steps that
-    gave up now (for the caller's log). ``broker`` is read only when a step is overdue."""
+    gave up now (for the caller's log). ``broker`` is read only when a step is overdue.
+
+    The statements do not grow with the steps found: the clock, the overdue steps, one claim
+    of every lost step and one mark of every waiting one; only a step that gives up has
+    statements of its own (rare, and it fails its request)."""
     now = queries.database_now(session)
     overdue = queries.overdue_steps(
         session, now - timedelta(seconds=settings.lost_after_seconds), limit=SWEEP_LIMIT
@@ -105,25 +109,27 @@ def sweep(
         return [], []
     view = broker()
     waiting: list[int] = []
+    lost: list[queries.OverdueStep] = []
     resends: list[Send] = []
     gave_up: list[Step] = []
     for step in overdue:
         if _waiting(step, view, now, settings):
             waiting.append(step.id)
-            continue
-        parsed = Step.parse(step.step)
-        if step.sends >= settings.max_resends:
+        elif step.sends >= settings.max_resends:
+            parsed = Step.parse(step.step)
             reason = f"{step.step}: its message was lost {step.sends} times"
             resends.extend(
                 Send(step.request_id, s)
                 for s in stages.give_up(session, step.request_id, parsed, reason, budget, pool)
             )
             gave_up.append(parsed)
-            continue
-        number = queries.claim_resend(session, step, now)
-        if number is not None:
+        else:
+            lost.append(step)
+    claimed = queries.claim_resends(session, lost, now)
+    for step in lost:
+        if step.id in claimed:
             log.warning("re-sending %s of %s: its message is lost", step.step, step.request_id)
-            resends.append(Send(step.request_id, parsed, number))
+            resends.append(Send(step.request_id, Step.parse(step.step), claimed[step.id]))
     queries.mark_seen(session, waiting, now)
     return resends, gave_up
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from db import queries
 from db.models import Status, StepStatus
-from db.session import session_scope
+from db.session import get_engine, session_scope
 from workers import flow
 from workers.budget import budget_keeper_from_settings
 from workers.celery_app import app, create_app
@@ -46,6 +47,20 @@ def _sweep(url: str, settings: Settings) -> list[Send]:
             settings.pool,
         )
     return resends
+
+
+def _counted_sweep(url: str, settings: Settings) -> tuple[list[Send], int]:
+    """A sweep, and the number of statements it sent to the database."""
+    sent: list[str] = []
+
+    def catch(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    event.listen(get_engine(url), "before_cursor_execute", catch)
+    try:
+        return _sweep(url, settings), len(sent)
+    finally:
+        event.remove(get_engine(url), "before_cursor_execute", catch)
 
 
 def _queued(client: redis.Redis, settings: Settings) -> list[str]:
@@ -136,6 +151,49 @@ def test_a_step_lost_too_often_fails_its_request_with_the_reason(
         assert request is not None and request.status is Status.FAILED
         assert request.failure_reason == f"route: its message was lost {settings.max_resends} times"
         assert queries.step_status(session, request_id, "route") is StepStatus.ABANDONED
+
+
+def test_a_sweep_sends_as_many_statements_for_many_lost_steps_as_for_one(
+    clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    """The clock, the overdue steps, one claim of every lost step, one mark of every waiting
+    step: four statements, whether one step is lost or five."""
+    counts = []
+    for lost in (1, 5):
+        clean_redis.flushdb()
+        ids = [submit(f"a boat {lost} {i}", seed=i).request_id for i in range(lost)]
+        clean_redis.flushdb()  # their messages are lost
+        waiting = submit(f"a cat {lost}", seed=0).request_id
+        for request_id in (*ids, waiting):
+            _age(clean_db, request_id, settings.lost_after_seconds + 1)
+        resends, statements = _counted_sweep(clean_db, settings)
+        assert sorted(resends, key=lambda s: s.request_id) == sorted(
+            (Send(request_id, flow.ROUTE, 2) for request_id in ids), key=lambda s: s.request_id
+        )
+        counts.append(statements)
+    assert counts == [4, 4]
+
+
+def test_a_step_touched_since_the_sweep_read_it_is_not_re_sent(
+    clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    """The claim is a compare-and-set on each step's status, starts and sends: a step that a
+    worker started, or that another sweeper claimed, since it was read is not lost."""
+    started, claimed, lost = (submit(f"a boat {i}", seed=i).request_id for i in range(3))
+    clean_redis.flushdb()
+    for request_id in (started, claimed, lost):
+        _age(clean_db, request_id, settings.lost_after_seconds + 1)
+    with session_scope(clean_db) as session:
+        now = queries.database_now(session)
+        read = {s.request_id: s for s in queries.overdue_steps(session, now, limit=10)}
+    assert set(read) == {started, claimed, lost}
+    with session_scope(clean_db) as session:
+        assert queries.start_step(session, started, "route", redelivered=False)
+        assert queries.claim_resends(session, [read[claimed]], now) == {read[claimed].id: 2}
+    with session_scope(clean_db) as session:
+        assert queries.claim_resends(session, list(read.values()), now) == {read[lost].id: 2}
+        assert [s.sends for s in queries.steps_of(session, claimed)] == [2]
+        assert [s.status for s in queries.steps_of(session, started)] == [StepStatus.RUNNING]
 
 
 def test_without_a_record_of_delivered_messages_a_running_step_lives_its_time_limit(
