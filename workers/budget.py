@@ -427,6 +427,20 @@ class BudgetKeeper(ABC):
             raise ValueError("a budget decision needs a request id")
         return self._decide(request_id, self._plan(preference, explore))
 
+    def decide_many(
+        self, requests: Sequence[tuple[str, Sequence[str], Sequence[str]]]
+    ) -> list[BudgetDecision]:
+        """``decide`` for a batch of (request id, preference, explore), in order: the same
+        decisions as one call each, in one round trip where the backend allows."""
+        for request_id, _, _ in requests:
+            if not request_id:
+                raise ValueError("a budget decision needs a request id")
+        plans = [(rid, self._plan(preference, explore)) for rid, preference, explore in requests]
+        return self._decide_many(plans)
+
+    def _decide_many(self, plans: Sequence[tuple[str, _Plan]]) -> list[BudgetDecision]:
+        return [self._decide(request_id, plan) for request_id, plan in plans]
+
     def _plan(self, preference: Sequence[str], explore: Sequence[str]) -> _Plan:
         if isinstance(preference, str) or isinstance(explore, str):
             raise TypeError("preference and explore are sequences of tier names, not one name")
@@ -538,16 +552,40 @@ class RedisBudgetKeeper(BudgetKeeper):
         self._counters_key = f"{key_prefix}:counters"
         self._marker_prefix = f"{key_prefix}:decision:"
 
-    def _decide(self, request_id: str, plan: _Plan) -> BudgetDecision:
+    def _call(self, request_id: str, plan: _Plan, client: Any = None) -> Any:
         keys = [self._buckets_key, self._counters_key, self._marker_prefix + request_id]
         args: list[str | int] = [*self._micro_limits, self._marker_ttl_seconds]
         args.append(len(plan.preference))
         for tier, cost in (*plan.preference, *plan.explore):
             args += [tier, cost]
+        return self._script(keys=keys, args=args, client=client)
+
+    def _decide(self, request_id: str, plan: _Plan) -> BudgetDecision:
         try:
-            raw = self._script(keys=keys, args=args)
+            raw = self._call(request_id, plan)
         except RedisError as exc:
             return self._unreachable(request_id, exc)
+        return self._parse(raw)
+
+    def _decide_many(self, plans: Sequence[tuple[str, _Plan]]) -> list[BudgetDecision]:
+        """One pipeline of script calls: the script runs atomically per request, in order,
+        exactly as one call each, with one round trip for the batch."""
+        pipe = self._redis.pipeline(transaction=False)
+        for request_id, plan in plans:
+            self._call(request_id, plan, client=pipe)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            return [self._unreachable(request_id, exc) for request_id, _ in plans]
+        return [
+            self._unreachable(request_id, reply)
+            if isinstance(reply, Exception)
+            else self._parse(reply)
+            for (request_id, _), reply in zip(plans, replies, strict=True)
+        ]
+
+    @staticmethod
+    def _parse(raw: Any) -> BudgetDecision:
         stored: dict[str, Any] = json.loads(raw)
         outcome = _Outcome(
             str(stored["tier"]),

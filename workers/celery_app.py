@@ -7,13 +7,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready
+from celery.signals import (
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+)
 
-from db.session import dispose_engines
+from db.session import dispose_engines, skip_pre_ping
 from workers.broker import transport_for
 from workers.liveness import mark_busy, mark_idle
 from workers.pool import Pool
 from workers.settings import Settings, get_settings
+from workers.threads import apply_threads
 
 TASK_ROUTE = "t2iroute.route"
 TASK_GENERATE = "t2iroute.generate"
@@ -54,6 +61,25 @@ class GenerationRoute:
         return {"queue": self.queues[args[1]]}
 
 
+def batch_size_of(settings: Settings, queue: str) -> int:
+    """The batch size of the stage a queue feeds."""
+    if queue == settings.queue_route:
+        return settings.route_batch_size
+    if queue == settings.queue_quality:
+        return settings.quality_batch_size
+    for tier in settings.pool:
+        if queue == tier.queue_name:
+            return max(settings.generate_batch_size, tier.max_batch or 1)
+    return 1
+
+
+def prefetch_multiplier(settings: Settings, queues: Sequence[str] | None = None) -> int:
+    """Messages a worker's pool process may hold: two batches of the largest stage among
+    ``queues`` (every queue when not given)."""
+    names = list(settings.queues.values()) if queues is None else list(queues)
+    return 2 * max([batch_size_of(settings, q) for q in names] or [1])
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     transport_options = _transport_options(settings)
     return {
@@ -73,7 +99,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
+        # A batching worker must hold a batch's messages to fill it, and the next batch's
+        # while one runs: twice the largest batch per pool process (``t2iroute worker`` sets
+        # it from the worker's own queues). Unacknowledged until done all the same.
+        "worker_prefetch_multiplier": prefetch_multiplier(settings),
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_max_memory_per_child": settings.worker_max_memory_per_child_kb,
         "task_time_limit": settings.task_time_limit,
@@ -109,10 +138,27 @@ def create_app(settings: Settings | None = None) -> Celery:
 app = create_app()
 
 
+# Processes of this worker's pool that run tasks at once (1 for solo), set at worker_init
+# in the parent and inherited by the pool's children.
+_pool_processes = 1
+
+
+@worker_init.connect
+def _size_threads(sender: Any, **_: Any) -> None:
+    global _pool_processes
+    solo = "solo" in str(getattr(sender, "pool_cls", "")).lower()
+    _pool_processes = 1 if solo else max(1, int(getattr(sender, "concurrency", 1) or 1))
+    # Tasks retry a connection a database restart broke: no round trip per checkout.
+    skip_pre_ping()
+    # The threads pool and solo run tasks in this process; prefork sets it again per child.
+    apply_threads(get_settings().torch_threads, _pool_processes)
+
+
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
     # Pooled database connections inherited from the parent are not fork-safe.
     dispose_engines()
+    apply_threads(get_settings().torch_threads, _pool_processes)
 
 
 @worker_ready.connect

@@ -71,6 +71,7 @@ def worker(
 ) -> None:
     """Run a Celery worker on the given queues (a thin wrapper of `celery worker`)."""
     from workers.celery_app import app as celery_app
+    from workers.celery_app import prefetch_multiplier
     from workers.pool import PoolError
 
     settings = get_settings()
@@ -89,6 +90,7 @@ def worker(
         f"--pool={pool}",
         f"--concurrency={concurrency}",
         f"--loglevel={loglevel}",
+        f"--prefetch-multiplier={prefetch_multiplier(settings, names)}",
     ]
     if hostname:
         argv.append(f"--hostname={hostname}")

@@ -7,7 +7,7 @@ very code path a production SD2.1 / SD3 / CLIP checkpoint takes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -75,23 +75,49 @@ def generate(
     ``guidance_scale=None`` keeps the pipeline's own default, which differs between SD2.1
     and SD3.
     """
-    generator = torch.Generator(device=pipe.device).manual_seed(seed)
+    return generate_many(
+        pipe,
+        [prompt],
+        [seed],
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=guidance_scale,
+    )[0]
+
+
+def generate_many(
+    pipe: DiffusionPipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    width: int,
+    height: int,
+    steps: int,
+    guidance_scale: float | None = None,
+) -> list[Image.Image]:
+    """One image per prompt, in one pipeline call: the prompts share the size, steps and
+    guidance; each keeps its own seed (a generator per prompt, so its starting latents are
+    the ones it would get alone)."""
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in seeds]
     kwargs: dict[str, Any] = {}
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
     # Every concrete pipeline is callable; the base class declares no __call__.
     run = cast(Callable[..., Any], pipe)
     result = run(
-        prompt,
+        list(prompts),
         width=width,
         height=height,
         num_inference_steps=steps,
-        generator=generator,
+        generator=generators,
         output_type="pil",
         **kwargs,
     )
-    image: Image.Image = result.images[0]
-    return image
+    images: list[Image.Image] = list(result.images)
+    return images
 
 
 def load_clip(

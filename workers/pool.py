@@ -41,6 +41,9 @@ class TierSpec(BaseModel):
     #: Where it runs; the settings' device and dtype when not given.
     device: str | None = None
     torch_dtype: str | None = None
+    #: The most images one diffusers call renders on this tier; the settings' batch size
+    #: when not given.
+    max_batch: int | None = Field(default=None, ge=1, le=1024)
 
     @property
     def queue_name(self) -> str:

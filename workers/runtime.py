@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -116,24 +117,40 @@ class RouterService:
         self._tradeoff_at = float("-inf")
 
     def predict(self, prompt: str) -> Prediction:
-        """Every tier's score, and the per-metric D_i where the router predicts them, in one
-        forward pass."""
+        return self.predict_many([prompt])[0]
+
+    def predict_many(self, prompts: Sequence[str]) -> list[Prediction]:
+        """Every tier's score for each prompt, and the per-metric D_i where the router
+        predicts them, in one forward pass for the batch."""
+        if not prompts:
+            return []
         router = self._router
+        prompts = list(prompts)
         with_metrics = getattr(router, "predict_with_metrics", None)
         if isinstance(router, PoolRouter) and not (callable(with_metrics) and len(self.pool) == 2):
-            scores = router.predict_quality([prompt])[0]
             tiers = getattr(router, "tiers", self.pool.names)
-            return Prediction(
-                quality={t: float(v) for t, v in zip(tiers, scores, strict=True)},
-                metrics=None,
-                router_version=self._version,
-            )
+            return [
+                Prediction(
+                    quality={t: float(v) for t, v in zip(tiers, scores, strict=True)},
+                    metrics=None,
+                    router_version=self._version,
+                )
+                for scores in router.predict_quality(prompts)
+            ]
         if callable(with_metrics):
-            prs_all, metrics_all = with_metrics([prompt])
-            prs, metrics = float(prs_all[0]), [float(v) for v in metrics_all[0]]
-        else:
-            prs, metrics = float(router.predict_prs([prompt])[0]), None  # type: ignore[union-attr]
-        return Prediction(pair_scores(prs, self.pool), metrics, self._version)
+            prs_all, metrics_all = with_metrics(prompts)
+            return [
+                Prediction(
+                    pair_scores(float(prs), self.pool),
+                    [float(v) for v in metrics],
+                    self._version,
+                )
+                for prs, metrics in zip(prs_all, metrics_all, strict=True)
+            ]
+        return [
+            Prediction(pair_scores(float(prs), self.pool), None, self._version)
+            for prs in router.predict_prs(prompts)  # type: ignore[union-attr]
+        ]
 
     def tradeoff(self, session: Session) -> float:
         """Lambda calibrated on this router's recent predictions so that their choices spend

@@ -119,6 +119,22 @@ class Settings(BaseSettings):
     retrain_min_pairs: int = Field(default=50, ge=4)
     worker_max_memory_per_child_kb: int | None = None
 
+    # Performance. Torch's intra-op threads per worker process; unset, the cores this
+    # process may run on divided by the worker's pool processes (workers/threads.py), so
+    # that the pool never oversubscribes them. Several workers on one host: set it (or pin
+    # each worker to its cores with taskset/cpuset, which the default follows).
+    torch_threads: int | None = Field(default=None, ge=1)
+    # Micro-batching per queue: a worker collects up to SIZE messages of a stage, or waits at
+    # most WAIT_MS after the first, and runs one batched call (router forward pass, CLIP
+    # scoring, one diffusers call per shared set of generation parameters). Size 1 is
+    # unbatched. A tier's ``max_batch`` caps its diffusers call (GPU memory).
+    route_batch_size: int = Field(default=32, ge=1, le=1024)
+    route_batch_wait_ms: float = Field(default=20.0, gt=0.0, le=60_000.0)
+    quality_batch_size: int = Field(default=32, ge=1, le=1024)
+    quality_batch_wait_ms: float = Field(default=50.0, gt=0.0, le=60_000.0)
+    generate_batch_size: int = Field(default=8, ge=1, le=1024)
+    generate_batch_wait_ms: float = Field(default=50.0, gt=0.0, le=60_000.0)
+
     # Flower.
     flower_basic_auth: str | None = Field(default=None, repr=False)
 

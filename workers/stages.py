@@ -46,11 +46,50 @@ def _request(session: Session, request_id: str) -> GenerationRequest:
     return request
 
 
+#: A request's (or a request's tier's) outcome in a batch: the steps it now needs, or why it
+#: has nothing to do.
+Outcome = list[Step] | RequestGone
+#: A (request id, tier) pair: what a generation or a score works on.
+Key = tuple[str, str]
+
+
+def _live(
+    requests: Mapping[str, GenerationRequest], request_ids: Sequence[str]
+) -> tuple[list[str], dict[str, Outcome]]:
+    """The ids whose request exists and has not failed, and the gone ones' outcomes."""
+    gone: dict[str, Outcome] = {}
+    live = []
+    for rid in dict.fromkeys(request_ids):
+        request = requests.get(rid)
+        if request is None or request.status is Status.FAILED:
+            gone[rid] = RequestGone(rid)
+        else:
+            live.append(rid)
+    return live, gone
+
+
 def _hand_on(session: Session, request_id: str, done: Step, needed: list[Step]) -> list[Step]:
     """Close ``done`` and record what follows it, in the caller's transaction."""
-    recorded = set(queries.record_steps(session, request_id, [s.key for s in needed]))
-    queries.finish_step(session, request_id, done.key)
-    return [step for step in needed if step.key in recorded]
+    return _hand_on_many(session, {(request_id, done): needed})[(request_id, done)]
+
+
+def _hand_on_many(
+    session: Session, handed: Mapping[tuple[str, Step], list[Step]]
+) -> dict[tuple[str, Step], list[Step]]:
+    """``_hand_on`` for a batch: one insert for every step that follows, one update per kind
+    of step closed. Each entry gets back the steps it recorded first (to send)."""
+    recorded = queries.record_steps_many(
+        session, [(rid, step.key) for (rid, _), needed in handed.items() for step in needed]
+    )
+    closing: dict[str, list[str]] = {}
+    for rid, done in handed:
+        closing.setdefault(done.key, []).append(rid)
+    for key, rids in closing.items():
+        queries.finish_steps(session, rids, key)
+    return {
+        (rid, done): [step for step in needed if (rid, step.key) in recorded]
+        for (rid, done), needed in handed.items()
+    }
 
 
 def rank_tiers(quality: Mapping[str, float], pool: Pool, tradeoff: float) -> list[str]:
@@ -82,65 +121,110 @@ def route_request(
     budget: BudgetKeeper,
     pool: Pool,
 ) -> list[Step]:
-    """Predict every tier's quality, rank the tiers by the policy, let the budget keeper
-    grant the best it can afford, record one decision and the generation steps it needs. A
-    redelivery finds the decision (the budget keeper spends at most once per request) and
-    records nothing new. A tier out of service (its breaker open) is not offered."""
-    request = _request(session, request_id)
-    decision = queries.get_decision(session, request_id)
-    if decision is None:
+    """``route_requests`` for one request; raises ``RequestGone`` when it has nothing to do."""
+    outcome = route_requests(session, [request_id], router, budget, pool)[request_id]
+    if isinstance(outcome, RequestGone):
+        raise outcome
+    return outcome
+
+
+def route_requests(
+    session: Session,
+    request_ids: Sequence[str],
+    router: RouterService,
+    budget: BudgetKeeper,
+    pool: Pool,
+) -> dict[str, Outcome]:
+    """Predict every tier's quality for a batch of prompts in one forward pass, rank the
+    tiers by the policy, let the budget keeper grant each request the best it can afford,
+    record one decision per request and the generation steps it needs. A redelivery finds
+    the decision (the budget keeper spends at most once per request) and records nothing
+    new. A tier out of service (its breaker open) is not offered."""
+    requests = queries.get_requests(session, request_ids)
+    live, outcomes = _live(requests, request_ids)
+    decisions = queries.get_decisions(session, live)
+    new = [rid for rid in live if rid not in decisions]
+    wanted: dict[str, tuple[str, ...]] = {
+        rid: queries.wanted_tiers(d) for rid, d in decisions.items()
+    }
+    if new:
         router.refresh(session)
-        prediction = router.predict(request.prompt)
+        predictions = router.predict_many([requests[rid].prompt for rid in new])
         tradeoff = router.tradeoff(session)
-        ranking = rank_tiers(prediction.quality, pool, tradeoff)
         down = queries.unavailable_tiers(session)
-        available = [t for t in ranking if t not in down] or ranking
-        granted = budget.decide(
-            request_id,
-            preference=available,
-            explore=_exploration(request_id, pool, available),
+        rankings = [rank_tiers(p.quality, pool, tradeoff) for p in predictions]
+        offered = [[t for t in ranking if t not in down] or ranking for ranking in rankings]
+        grants = budget.decide_many(
+            [
+                (rid, available, _exploration(rid, pool, available))
+                for rid, available in zip(new, offered, strict=True)
+            ]
         )
-        wanted = ranking[0]
-        queries.insert_ignore(
-            session,
-            RoutingDecision,
-            {
-                "request_id": request_id,
-                "router_version": prediction.router_version,
-                "predicted_quality": prediction.quality,
-                "predicted_metrics": prediction.metrics,
-                "tradeoff": tradeoff,
-                "wanted_tier": wanted,
-                "tier": granted.tier,
-                "explored": [t for t in granted.explored if t not in down],
-                "spent": granted.spent,
-                "budget_reason": granted.reason,
-                "rerouted_from": wanted if wanted in down else None,
-                "reroute_reason": f"{wanted} out of service: {down[wanted][:200]}"
-                if wanted in down
-                else None,
-            },
-        )
-        decision = queries.get_decision(session, request_id)
-        assert decision is not None
-    queries.transition(session, request_id, from_status=Status.QUEUED, to_status=Status.ROUTED)
-    return _hand_on(
-        session,
-        request_id,
-        flow.ROUTE,
-        [flow.generate(t) for t in queries.wanted_tiers(decision)],
+        rows = []
+        for rid, prediction, ranking, granted in zip(
+            new, predictions, rankings, grants, strict=True
+        ):
+            first = ranking[0]
+            explored = [t for t in granted.explored if t not in down]
+            rows.append(
+                {
+                    "request_id": rid,
+                    "router_version": prediction.router_version,
+                    "predicted_quality": prediction.quality,
+                    "predicted_metrics": prediction.metrics,
+                    "tradeoff": tradeoff,
+                    "wanted_tier": first,
+                    "tier": granted.tier,
+                    "explored": explored,
+                    "spent": granted.spent,
+                    "budget_reason": granted.reason,
+                    "rerouted_from": first if first in down else None,
+                    "reroute_reason": f"{first} out of service: {down[first][:200]}"
+                    if first in down
+                    else None,
+                }
+            )
+            wanted[rid] = queries.tiers_wanted(granted.tier, explored)
+        if queries.insert_ignore_many(session, RoutingDecision, rows) < len(rows):
+            # Another worker decided some of them first: theirs stand.
+            for rid, decision in queries.get_decisions(session, new).items():
+                wanted[rid] = queries.wanted_tiers(decision)
+    queries.transition_many(session, live, from_status=Status.QUEUED, to_status=Status.ROUTED)
+    handed = _hand_on_many(
+        session, {(rid, flow.ROUTE): [flow.generate(t) for t in wanted[rid]] for rid in live}
     )
+    outcomes.update({rid: handed[(rid, flow.ROUTE)] for rid in live})
+    return outcomes
 
 
 def generation_job(session: Session, request_id: str, tier: str) -> GenerationRequest | None:
     """The request to render on ``tier``, or None when its image exists already."""
-    request = _request(session, request_id)
-    decision = queries.get_decision(session, request_id)
-    if decision is None or tier not in queries.wanted_tiers(decision):
-        raise RequestGone(f"{request_id} was not routed to {tier}")
-    if queries.get_generation(session, request_id, tier) is not None:
-        return None
-    return request
+    job = generation_jobs(session, [(request_id, tier)])[(request_id, tier)]
+    if isinstance(job, RequestGone):
+        raise job
+    return job
+
+
+def generation_jobs(
+    session: Session, keys: Sequence[Key]
+) -> dict[Key, GenerationRequest | RequestGone | None]:
+    """For each (request, tier): the request to render, None when its image exists already,
+    or why there is nothing to do (the request is gone or was not routed to the tier)."""
+    ids = list(dict.fromkeys(rid for rid, _ in keys))
+    requests = queries.get_requests(session, ids)
+    live, gone = _live(requests, ids)
+    decisions = queries.get_decisions(session, live)
+    made = queries.get_generations(session, live, [tier for _, tier in keys])
+    jobs: dict[Key, GenerationRequest | RequestGone | None] = {}
+    for rid, tier in keys:
+        decision = decisions.get(rid)
+        if rid in gone:
+            jobs[(rid, tier)] = RequestGone(rid)
+        elif decision is None or tier not in queries.wanted_tiers(decision):
+            jobs[(rid, tier)] = RequestGone(f"{rid} was not routed to {tier}")
+        else:
+            jobs[(rid, tier)] = None if (rid, tier) in made else requests[rid]
+    return jobs
 
 
 @dataclass(frozen=True)
@@ -155,21 +239,33 @@ def complete_generation(
     session: Session, request_id: str, tier: str, image: NewImage | None
 ) -> list[Step]:
     """Record a rendered image (once) and hand the tier on to scoring."""
-    if image is not None:
-        queries.insert_ignore(
-            session,
-            Generation,
-            {
-                "request_id": request_id,
-                "tier": tier,
-                "model": image.model,
-                "image_path": image.image_path,
-                "latency_ms": image.latency_ms,
-                "worker": image.worker,
-            },
-        )
+    return complete_generations(session, {(request_id, tier): image})[(request_id, tier)]
+
+
+def complete_generations(
+    session: Session, images: Mapping[Key, NewImage | None]
+) -> dict[Key, list[Step]]:
+    """Record the rendered images (once each) and hand each tier on to scoring."""
+    rows = [
+        {
+            "request_id": rid,
+            "tier": tier,
+            "model": image.model,
+            "image_path": image.image_path,
+            "latency_ms": image.latency_ms,
+            "worker": image.worker,
+        }
+        for (rid, tier), image in images.items()
+        if image is not None
+    ]
+    queries.insert_ignore_many(session, Generation, rows)
+    for tier in sorted({tier for (_, tier), image in images.items() if image is not None}):
         queries.record_tier_success(session, tier)
-    return _hand_on(session, request_id, flow.generate(tier), [flow.score(tier)])
+    handed = _hand_on_many(
+        session,
+        {(rid, flow.generate(tier)): [flow.score(tier)] for rid, tier in images},
+    )
+    return {(rid, tier): handed[(rid, flow.generate(tier))] for rid, tier in images}
 
 
 def score_image(
@@ -181,58 +277,114 @@ def score_image(
     store: ImageStore,
     escalation: Escalation | None = None,
 ) -> list[Step]:
-    """Score one tier's image on the ten metrics. The request is done when the tier of its
-    answer is scored (and, under ``escalation``, good enough or escalated as far as allowed);
-    an exploration sample's other tiers are labels, scored on the side."""
-    request = _request(session, request_id)
-    generation = queries.get_generation(session, request_id, tier)
-    if generation is None:
-        raise RequestGone(f"{request_id} has no {tier} image to score")
+    """``score_images`` for one image; raises ``RequestGone`` when it has nothing to do."""
+    outcome = score_images(
+        session, [(request_id, tier)], scorer=scorer, store=store, escalation=escalation
+    )[(request_id, tier)]
+    if isinstance(outcome, RequestGone):
+        raise outcome
+    return outcome
+
+
+def score_images(
+    session: Session,
+    keys: Sequence[Key],
+    *,
+    scorer: ContrastiveQualityScorer,
+    store: ImageStore,
+    escalation: Escalation | None = None,
+) -> dict[Key, Outcome]:
+    """Score a batch of images on the ten metrics, in one CLIP call. A request is done when
+    the tier of its answer is scored (and, under ``escalation``, good enough or escalated as
+    far as allowed); an exploration sample's other tiers are labels, scored on the side."""
+    keys = list(dict.fromkeys(keys))
+    ids = list(dict.fromkeys(rid for rid, _ in keys))
+    requests = queries.get_requests(session, ids)
+    live, gone = _live(requests, ids)
+    images = queries.get_generations(session, live, [tier for _, tier in keys])
     version = scorer.metrics_version
-    if tier not in queries.scored_tiers(session, request_id, version):
-        values = [float(v) for v in scorer.score([store.open(generation.image_path)])[0]]
-        queries.insert_ignore(
-            session,
-            QualityScore,
-            {
-                "generation_id": generation.id,
-                "request_id": request_id,
-                "tier": tier,
-                "metrics_version": version,
-                "scores": {"names": list(METRIC_NAMES), "values": values},
-                "mean_score": sum(values) / len(values),
-            },
-        )
-    # Locked, so that a reroute (which moves the answer to another tier) and this score
+    scored = queries.scored_tiers_many(session, live, version)
+    outcomes: dict[Key, Outcome] = {}
+    for rid, tier in keys:
+        if rid in gone:
+            outcomes[(rid, tier)] = gone[rid]
+        elif (rid, tier) not in images:
+            outcomes[(rid, tier)] = RequestGone(f"{rid} has no {tier} image to score")
+    todo = [k for k in keys if k not in outcomes]
+    unscored = [(rid, tier) for rid, tier in todo if tier not in scored[rid]]
+    if unscored:
+        pictures = [store.open(images[key].image_path) for key in unscored]
+        rows = []
+        for (rid, tier), vector in zip(unscored, scorer.score(pictures), strict=True):
+            values = [float(v) for v in vector]
+            rows.append(
+                {
+                    "generation_id": images[(rid, tier)].id,
+                    "request_id": rid,
+                    "tier": tier,
+                    "metrics_version": version,
+                    "scores": {"names": list(METRIC_NAMES), "values": values},
+                    "mean_score": sum(values) / len(values),
+                }
+            )
+        queries.insert_ignore_many(session, QualityScore, rows)
+        # Read back: a score another worker wrote first is the one that stands.
+        scored = queries.scored_tiers_many(session, live, version)
+    # Locked, so that a reroute (which moves the answer to another tier) and these scores
     # never both miss that the answer is now scored.
-    decision = queries.get_decision(session, request_id, for_update=True)
-    if decision is None:
-        raise RequestGone(f"{request_id} has no decision")
-    scored = queries.scored_tiers(session, request_id, version)
-    needed: list[Step] = []
-    if decision.escalating_to is not None:
-        if decision.escalating_to in scored:
-            _settle_escalation(decision, scored)
-            _finish(session, request_id)
-    elif decision.tier in scored:
-        # Only the answer's own score, once, may escalate (not a label scored later).
-        answering = tier == decision.tier and request.status is Status.ROUTED
-        up = (
-            escalation.next_tier(session, decision, scored)
-            if escalation is not None and answering
-            else None
+    decisions = queries.get_decisions(session, [rid for rid, _ in todo], for_update=True)
+    finished: set[str] = set()
+    handed: dict[tuple[str, Step], list[Step]] = {}
+    for rid, tier in todo:
+        decision = decisions.get(rid)
+        if decision is None:
+            outcomes[(rid, tier)] = RequestGone(f"{rid} has no decision")
+            continue
+        answering = (
+            tier == decision.tier and requests[rid].status is Status.ROUTED and rid not in finished
         )
-        if up is None:
-            _finish(session, request_id)
-        elif up in scored:
-            # Explored already: the better of the two answers, at no further cost.
-            _escalate(decision, up, scored)
-            _settle_escalation(decision, scored)
-            _finish(session, request_id)
-        else:
-            _escalate(decision, up, scored)
-            needed = [flow.generate(up)]
-    return _hand_on(session, request_id, flow.score(tier), needed)
+        done, needed = _settle(session, decision, scored[rid], answering, escalation)
+        if done:
+            finished.add(rid)
+        handed[(rid, flow.score(tier))] = needed
+    queries.transition_many(
+        session, sorted(finished), from_status=Status.ROUTED, to_status=Status.DONE
+    )
+    for (rid, step), steps in _hand_on_many(session, handed).items():
+        assert step.tier is not None
+        outcomes[(rid, step.tier)] = steps
+    return outcomes
+
+
+def _settle(
+    session: Session,
+    decision: RoutingDecision,
+    scored: Mapping[str, list[float]],
+    answering: bool,
+    escalation: Escalation | None,
+) -> tuple[bool, list[Step]]:
+    """What a new score means for its request: (done now, the steps it needs). Only the
+    answer's own score, once, may escalate (not a label scored later)."""
+    if decision.escalating_to is not None:
+        if decision.escalating_to not in scored:
+            return False, []
+        _settle_escalation(decision, scored)
+        return True, []
+    if decision.tier not in scored:
+        return False, []
+    up = (
+        escalation.next_tier(session, decision, scored)
+        if escalation is not None and answering
+        else None
+    )
+    if up is None:
+        return True, []
+    _escalate(decision, up, scored)
+    if up in scored:
+        # Explored already: the better of the two answers, at no further cost.
+        _settle_escalation(decision, scored)
+        return True, []
+    return False, [flow.generate(up)]
 
 
 def _mean(values: Sequence[float]) -> float:

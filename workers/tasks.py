@@ -11,7 +11,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis.exceptions
@@ -21,8 +21,11 @@ from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.orm import Session
 
 from db import queries
+from db.models import GenerationRequest
+from db.queries import StepStart
 from db.session import session_scope
 from workers import flow, stages
+from workers.batching import BatchTask, Delivery
 from workers.celery_app import (
     TASK_GENERATE,
     TASK_RETRAIN,
@@ -32,7 +35,8 @@ from workers.celery_app import (
     app,
 )
 from workers.flow import Step
-from workers.pipelines import generate
+from workers.pipelines import generate_many
+from workers.pool import Pool
 from workers.runtime import (
     budget_keeper,
     image_store,
@@ -53,15 +57,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     BrokerError,
     ConnectionError,
 )
-
-
-def _mark_failed(request_id: str, reason: str) -> None:
-    try:
-        with session_scope(get_settings().database_url) as session:
-            queries.fail(session, request_id, reason)
-    except TRANSIENT_ERRORS:
-        # The database is gone too: the step stays open and the sweeper finds it.
-        log.exception("could not mark request %s failed", request_id)
 
 
 def transient_backoff(retries: int, settings: Settings) -> float | None:
@@ -87,44 +82,143 @@ def _send(steps: list[flow.Send]) -> None:
     flow.send(app, steps)
 
 
-def run_step(task: Task, request_id: str, step: Step, work: Callable[[], list[Step]]) -> None:
-    """Run one delivery of a step. A delivery whose step is closed is a duplicate and does
-    nothing; only a failure (the stage raised, or a worker died holding the message) counts
-    as an attempt, and after ``max_attempts`` the step gives up (``stages.give_up``)."""
-    settings = get_settings()
+#: A step of a request: what one message asks for.
+StepKey = tuple[str, Step]
+#: A stage's batched work: the outcome of each step it was given.
+Work = Callable[[list[StepKey]], Mapping[StepKey, stages.Outcome]]
+
+
+def _step_of(task: Task, delivery: Delivery, pool: Pool) -> StepKey | None:
+    """The (request id, step) a message asks for, or None for a malformed one (dropped: no
+    redelivery can make it well-formed)."""
+    args = delivery.args
     try:
-        uuid.UUID(request_id)
-    except (ValueError, TypeError, AttributeError):
-        log.error("%s: dropping message with malformed request id %r", step.key, request_id)
+        request_id = str(uuid.UUID(str(args[0])))
+    except (ValueError, TypeError, AttributeError, IndexError):
+        log.error("%s: dropping message with malformed arguments %r", task.name, args)
+        return None
+    if task.name == TASK_ROUTE:
+        return (request_id, flow.ROUTE) if len(args) == 1 else None
+    tier = args[1] if len(args) == 2 else None
+    if not isinstance(tier, str) or tier not in pool:
+        log.error("%s: dropping message for unknown tier %r", task.name, tier)
+        return None
+    return (request_id, flow.generate(tier) if task.name == TASK_GENERATE else flow.score(tier))
+
+
+def run_steps(task: Task, deliveries: Sequence[Delivery], work: Work) -> None:
+    """Run a batch of deliveries of one task. A delivery whose step is closed is a duplicate
+    and does nothing; only a failure (the stage raised, or a worker died holding the
+    message) counts as an attempt, and after ``max_attempts`` the step gives up
+    (``stages.give_up``). The steps that start run through ``work`` together."""
+    settings = get_settings()
+    pending: dict[StepKey, Delivery] = {}
+    for delivery in deliveries:
+        key = _step_of(task, delivery, settings.pool)
+        if key is not None and key not in pending:
+            pending[key] = delivery
+    if not pending:
         return
-    redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
     try:
         with session_scope(settings.database_url) as session:
-            started = queries.start_step(session, request_id, step.key, redelivered=redelivered)
-            if started is not None and started.failures >= settings.max_attempts:
-                reason = f"{step.key}: a worker died holding it {started.failures} times"
-                _send(flow.sends_for(request_id, _give_up(session, request_id, step, reason)))
-                return
-        if started is None:
-            log.info("%s of %s: already done or given up; duplicate ignored", step.key, request_id)
-            return
-        _send(flow.sends_for(request_id, work()))
-    except stages.RequestGone as gone:
-        log.info("%s: nothing to do for %s (%s)", step.key, request_id, gone)
-        _close(request_id, step)
+            started = _start(session, pending)
+            sends: list[flow.Send] = []
+            for (request_id, step), start in list(started.items()):
+                if start.failures >= settings.max_attempts:
+                    reason = f"{step.key}: a worker died holding it {start.failures} times"
+                    sends += flow.sends_for(request_id, _give_up(session, request_id, step, reason))
+                    del started[(request_id, step)]
+        _send(sends)
     except TRANSIENT_ERRORS as exc:
-        delay = transient_backoff(task.request.retries, settings)
-        if delay is None:
-            # The step stays open: the sweeper re-sends it once the services are back.
-            raise
-        raise task.retry(exc=exc, countdown=delay, max_retries=None) from exc
+        _retry(task, list(pending.values()), exc, settings)
+        return
+    for request_id, step in pending.keys() - started.keys():
+        log.info("%s of %s: already done or given up; duplicate ignored", step.key, request_id)
+    todo = [key for key in pending if key in started]
+    if todo:
+        _work(task, todo, pending, work, settings)
+
+
+def _start(session: Session, pending: Mapping[StepKey, Delivery]) -> dict[StepKey, StepStart]:
+    """Mark each delivered step running, one statement per step kind: the steps not open are
+    left out (their deliveries are duplicates)."""
+    by_step: dict[Step, list[str]] = {}
+    for request_id, step in pending:
+        by_step.setdefault(step, []).append(request_id)
+    started: dict[StepKey, StepStart] = {}
+    for step, ids in by_step.items():
+        again = [rid for rid in ids if pending[(rid, step)].redelivered]
+        for rid, start in queries.start_steps(session, ids, step.key, redelivered=again).items():
+            started[(rid, step)] = start
+    return started
+
+
+def _work(
+    task: Task,
+    todo: list[StepKey],
+    pending: Mapping[StepKey, Delivery],
+    work: Work,
+    settings: Settings,
+) -> None:
+    try:
+        outcomes = work(todo)
+    except TRANSIENT_ERRORS as exc:
+        _retry(task, [pending[key] for key in todo], exc, settings)
+        return
     except Exception as exc:
-        _failed_attempt(task, request_id, step, exc, settings)
+        if len(todo) > 1:
+            # One request broke the batch: each alone, so that it fails only itself.
+            log.warning(
+                "%s: a batch of %d raised (%s); running each alone", task.name, len(todo), exc
+            )
+            for key in todo:
+                _work(task, [key], pending, work, settings)
+            return
+        _failed_attempt(task, pending[todo[0]], todo[0], exc, settings)
+        return
+    sends: list[flow.Send] = []
+    gone: list[StepKey] = []
+    for (request_id, step), outcome in outcomes.items():
+        if isinstance(outcome, stages.RequestGone):
+            log.info("%s: nothing to do for %s (%s)", step.key, request_id, outcome)
+            gone.append((request_id, step))
+        else:
+            sends += flow.sends_for(request_id, outcome)
+    if gone:
+        with session_scope(settings.database_url) as session:
+            for request_id, step in gone:
+                queries.finish_step(session, request_id, step.key)
+    _send(sends)
 
 
-def _close(request_id: str, step: Step) -> None:
-    with session_scope(get_settings().database_url) as session:
-        queries.finish_step(session, request_id, step.key)
+def _resend(task: Task, delivery: Delivery, countdown: float) -> None:
+    """The message again after ``countdown`` seconds, under its own id (what
+    ``Task.retry`` sends); a broker that refuses leaves the open step to the sweeper."""
+    try:
+        task.app.send_task(
+            task.name,
+            args=list(delivery.args),
+            task_id=delivery.task_id,
+            countdown=countdown,
+            retries=delivery.retries + 1,
+        )
+    except Exception:
+        log.warning("broker unavailable; %s left to the sweeper", delivery.task_id, exc_info=True)
+
+
+def _retry(
+    task: Task, deliveries: Sequence[Delivery], exc: BaseException, settings: Settings
+) -> None:
+    """A database or Redis outage: each delivery again later, with backoff, until
+    ``transient_retry_seconds`` are covered; after that the steps stay open and the sweeper
+    re-sends them once the services are back."""
+    log.warning("%s: %s; retrying %d deliveries", task.name, exc, len(deliveries))
+    for delivery in deliveries:
+        delay = transient_backoff(delivery.retries, settings)
+        if delay is None:
+            log.error("%s: left to the sweeper after retries: %s", delivery.task_id, exc)
+        else:
+            _resend(task, delivery, delay)
 
 
 def _give_up(session: Session, request_id: str, step: Step, reason: str) -> list[Step]:
@@ -133,35 +227,43 @@ def _give_up(session: Session, request_id: str, step: Step, reason: str) -> list
 
 
 def _failed_attempt(
-    task: Task, request_id: str, step: Step, exc: Exception, settings: Settings
+    task: Task, delivery: Delivery, key: StepKey, exc: Exception, settings: Settings
 ) -> None:
+    request_id, step = key
     error = f"{step.key}: {type(exc).__name__}: {exc}"
     log.error("%s of %s failed", step.key, request_id, exc_info=exc)
-    with session_scope(settings.database_url) as session:
-        failures = queries.fail_attempt(session, request_id, step.key, error)
-        if step.kind == "generate" and step.tier is not None:
-            opened = queries.record_tier_failure(
-                session,
-                step.tier,
-                error,
-                threshold=settings.tier_failure_threshold,
-                cooldown_seconds=settings.tier_cooldown_seconds,
-            )
-            if opened:
-                log.error(
-                    "tier %s out of service for %.0fs after %d failures in a row: %s",
+    try:
+        with session_scope(settings.database_url) as session:
+            failures = queries.fail_attempt(session, request_id, step.key, error)
+            if step.kind == "generate" and step.tier is not None:
+                opened = queries.record_tier_failure(
+                    session,
                     step.tier,
-                    settings.tier_cooldown_seconds,
-                    settings.tier_failure_threshold,
                     error,
+                    threshold=settings.tier_failure_threshold,
+                    cooldown_seconds=settings.tier_cooldown_seconds,
                 )
-        if failures is None:
-            return
-        if failures >= settings.max_attempts:
-            reason = f"{error} (gave up after {failures} failed attempts)"
-            _send(flow.sends_for(request_id, _give_up(session, request_id, step, reason)))
-            return
-    raise task.retry(exc=exc, countdown=failure_backoff(failures), max_retries=None)
+                if opened:
+                    log.error(
+                        "tier %s out of service for %.0fs after %d failures in a row: %s",
+                        step.tier,
+                        settings.tier_cooldown_seconds,
+                        settings.tier_failure_threshold,
+                        error,
+                    )
+            if failures is None:
+                return
+            if failures >= settings.max_attempts:
+                reason = f"{error} (gave up after {failures} failed attempts)"
+                sends = flow.sends_for(request_id, _give_up(session, request_id, step, reason))
+            else:
+                sends = []
+    except TRANSIENT_ERRORS as outage:
+        _retry(task, [delivery], outage, settings)
+        return
+    if failures < settings.max_attempts:
+        _resend(task, delivery, failure_backoff(failures))
+    _send(sends)
 
 
 def escalation() -> stages.Escalation | None:
@@ -173,84 +275,136 @@ def escalation() -> stages.Escalation | None:
     )
 
 
-def _in_transaction(work: Callable[[Session], list[Step]]) -> list[Step]:
-    with session_scope(get_settings().database_url) as session:
-        return work(session)
-
-
-@app.task(bind=True, name=TASK_ROUTE)
-def route(self: Task, request_id: str) -> None:
-    run_step(
-        self,
-        request_id,
-        flow.ROUTE,
-        lambda: _in_transaction(
-            lambda s: stages.route_request(
-                s, request_id, router_service(), budget_keeper(), get_settings().pool
-            )
-        ),
-    )
-
-
-@app.task(bind=True, name=TASK_GENERATE)
-def generate_image(self: Task, request_id: str, tier: str) -> None:
-    """Render a request's image on one tier of the pool (routed to that tier's queue)."""
+def _route(keys: list[StepKey]) -> dict[StepKey, stages.Outcome]:
     settings = get_settings()
-    if tier not in settings.pool:
-        log.error("generate: dropping message for unknown tier %r", tier)
-        return
-    spec = settings.pool[tier]
+    with session_scope(settings.database_url) as session:
+        outcomes = stages.route_requests(
+            session, [rid for rid, _ in keys], router_service(), budget_keeper(), settings.pool
+        )
+    return {(rid, flow.ROUTE): outcomes[rid] for rid, _ in keys}
 
-    def work() -> list[Step]:
+
+def _tier_key(key: StepKey) -> stages.Key:
+    request_id, step = key
+    assert step.tier is not None
+    return request_id, step.tier
+
+
+def _generate(keys: list[StepKey], worker: str) -> dict[StepKey, stages.Outcome]:
+    settings = get_settings()
+    with session_scope(settings.database_url) as session:
+        jobs = stages.generation_jobs(session, [_tier_key(key) for key in keys])
+    outcomes: dict[StepKey, stages.Outcome] = {}
+    renders: dict[stages.Key, GenerationRequest] = {}
+    for key in keys:
+        job = jobs[_tier_key(key)]
+        if isinstance(job, stages.RequestGone):
+            outcomes[key] = job
+        elif job is not None:
+            renders[_tier_key(key)] = job
+    # Rendered outside any transaction: a GPU call holds no database connection.
+    images = render(renders, settings, worker)
+    made = {_tier_key(key): images.get(_tier_key(key)) for key in keys if key not in outcomes}
+    if made:
         with session_scope(settings.database_url) as session:
-            job = stages.generation_job(session, request_id, tier)
-        image = None
-        if job is not None:
-            # Rendered outside any transaction: a GPU call holds no database connection.
+            handed = stages.complete_generations(session, made)
+        outcomes.update(
+            {(rid, flow.generate(tier)): steps for (rid, tier), steps in handed.items()}
+        )
+    return outcomes
+
+
+def render(
+    jobs: Mapping[stages.Key, GenerationRequest], settings: Settings, worker: str
+) -> dict[stages.Key, stages.NewImage]:
+    """Each job's image, in one diffusers call per tier and set of generation parameters
+    (size, steps, guidance), at most the tier's ``max_batch`` prompts a call."""
+    groups: dict[tuple[str, int, int, int, float | None], list[stages.Key]] = {}
+    for (request_id, tier), job in jobs.items():
+        spec = settings.pool[tier]
+        guidance = job.guidance_scale if job.guidance_scale is not None else spec.guidance_scale
+        steps = job.steps or spec.steps or settings.default_steps
+        groups.setdefault((tier, job.width, job.height, steps, guidance), []).append(
+            (request_id, tier)
+        )
+    images: dict[stages.Key, stages.NewImage] = {}
+    for (tier, width, height, steps, guidance), keys in groups.items():
+        size = settings.pool[tier].max_batch or settings.generate_batch_size
+        for chunk in (keys[i : i + size] for i in range(0, len(keys), size)):
             started = time.perf_counter()
-            picture = generate(
+            pictures = generate_many(
                 pipeline_for(tier, settings),
-                job.prompt,
-                width=job.width,
-                height=job.height,
-                steps=job.steps or spec.steps or settings.default_steps,
-                seed=job.seed,
-                guidance_scale=job.guidance_scale
-                if job.guidance_scale is not None
-                else spec.guidance_scale,
+                [jobs[key].prompt for key in chunk],
+                [jobs[key].seed for key in chunk],
+                width=width,
+                height=height,
+                steps=steps,
+                guidance_scale=guidance,
             )
-            image = stages.NewImage(
-                model=model_for(tier, settings),
-                image_path=image_store().save(request_id, tier, picture),
-                latency_ms=(time.perf_counter() - started) * 1000.0,
-                worker=self.request.hostname or socket.gethostname(),
-            )
-        with session_scope(settings.database_url) as session:
-            return stages.complete_generation(session, request_id, tier, image)
-
-    run_step(self, request_id, flow.generate(tier), work)
+            # What each request waited for: the whole call.
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            for (request_id, _), picture in zip(chunk, pictures, strict=True):
+                images[(request_id, tier)] = stages.NewImage(
+                    model=model_for(tier, settings),
+                    image_path=image_store().save(request_id, tier, picture),
+                    latency_ms=latency_ms,
+                    worker=worker,
+                )
+    return images
 
 
-@app.task(bind=True, name=TASK_SCORE)
-def score(self: Task, request_id: str, tier: str) -> None:
-    if tier not in get_settings().pool:
-        log.error("score: dropping message for unknown tier %r", tier)
-        return
-    run_step(
-        self,
-        request_id,
-        flow.score(tier),
-        lambda: _in_transaction(
-            lambda s: stages.score_image(
-                s,
-                request_id,
-                tier,
-                scorer=quality_scorer(get_settings()),
-                store=image_store(),
-                escalation=escalation(),
-            )
-        ),
-    )
+def _score(keys: list[StepKey]) -> dict[StepKey, stages.Outcome]:
+    settings = get_settings()
+    with session_scope(settings.database_url) as session:
+        outcomes = stages.score_images(
+            session,
+            [_tier_key(key) for key in keys],
+            scorer=quality_scorer(settings),
+            store=image_store(),
+            escalation=escalation(),
+        )
+    return {(rid, flow.score(tier)): outcome for (rid, tier), outcome in outcomes.items()}
+
+
+_settings = get_settings()
+
+
+@app.task(
+    bind=True,
+    base=BatchTask,
+    name=TASK_ROUTE,
+    batch_size=_settings.route_batch_size,
+    batch_wait_seconds=_settings.route_batch_wait_ms / 1000.0,
+)
+def route(self: Task, deliveries: list[Delivery]) -> None:
+    """Route a batch of requests (one router forward pass)."""
+    run_steps(self, deliveries, _route)
+
+
+@app.task(
+    bind=True,
+    base=BatchTask,
+    name=TASK_GENERATE,
+    batch_size=_settings.generate_batch_size,
+    batch_wait_seconds=_settings.generate_batch_wait_ms / 1000.0,
+)
+def generate_image(self: Task, deliveries: list[Delivery]) -> None:
+    """Render a batch of requests' images on the tiers they name (each message routed to
+    its tier's queue)."""
+    worker = next((d.hostname for d in deliveries if d.hostname), None) or socket.gethostname()
+    run_steps(self, deliveries, lambda keys: _generate(keys, worker))
+
+
+@app.task(
+    bind=True,
+    base=BatchTask,
+    name=TASK_SCORE,
+    batch_size=_settings.quality_batch_size,
+    batch_wait_seconds=_settings.quality_batch_wait_ms / 1000.0,
+)
+def score(self: Task, deliveries: list[Delivery]) -> None:
+    """Score a batch of images (one CLIP call)."""
+    run_steps(self, deliveries, _score)
 
 
 @app.task(name=TASK_SWEEP)

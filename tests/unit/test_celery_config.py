@@ -17,18 +17,29 @@ from workers.celery_app import (
     TASK_SWEEP,
     celery_config,
     create_app,
+    prefetch_multiplier,
 )
 from workers.liveness import node_name
 from workers.settings import Settings
 
 
-def test_json_only_acks_late_and_prefetch_one() -> None:
+def test_json_only_acks_late() -> None:
     config = celery_config(Settings())
     assert config["task_serializer"] == config["result_serializer"] == "json"
     assert config["accept_content"] == config["result_accept_content"] == ["json"]
     assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
-    assert config["worker_prefetch_multiplier"] == 1
     assert config["worker_cancel_long_running_tasks_on_connection_loss"]
+
+
+def test_prefetch_holds_two_batches_of_the_workers_own_stages() -> None:
+    settings = Settings(route_batch_size=16, quality_batch_size=4, generate_batch_size=3)
+    assert prefetch_multiplier(settings, ["route"]) == 32
+    assert prefetch_multiplier(settings, ["quality", "edge"]) == 8
+    assert prefetch_multiplier(settings, ["cloud"]) == 6
+    # Unbatched stages prefetch one message at a time beyond the one running, as before.
+    unbatched = Settings(route_batch_size=1, quality_batch_size=1, generate_batch_size=1)
+    assert prefetch_multiplier(unbatched, ["maintenance"]) == 2
+    assert celery_config(settings)["worker_prefetch_multiplier"] == 32
 
 
 def test_visibility_timeout_outlasts_every_time_limit() -> None:
