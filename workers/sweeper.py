@@ -108,6 +108,17 @@ def sweep(
     if not overdue:
         return [], []
     view = broker()
+    if view is not None and any(not _waiting(step, view, now, settings) for step in overdue):
+        # kombu pops a message off its queue and then records it as unacknowledged, in two
+        # calls: a message between the two is in neither. A worker prefetching a batch is
+        # often there, so a step looks lost only if a second look misses it too.
+        again = broker()
+        if again is not None:
+            view = BrokerView(
+                view.queued | again.queued,
+                view.held | again.held,
+                view.tracks_delivered and again.tracks_delivered,
+            )
     waiting: list[int] = []
     lost: list[queries.OverdueStep] = []
     resends: list[Send] = []
