@@ -9,7 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psycopg
@@ -132,17 +132,22 @@ class PostgresServer:
     """A PostgreSQL cluster run as ``nobody`` on a free port, trust auth, its socket in its
     own folder. ``stop`` is a fast shutdown (SIGINT); ``start`` again reuses port and data."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, server_settings: Mapping[str, str] | None = None) -> None:
         self.root = root
         self.data = root / "data"
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log = root / "postgres.log"
+        # Extra ``-c name=value`` settings at start, beside the fixed ones below (a benchmark
+        # loads pg_stat_statements with shared_preload_libraries, say).
+        self.server_settings = dict(server_settings or {})
 
     @classmethod
-    def initialise(cls, prefix: str = "t2iroute-pg-") -> PostgresServer:
+    def initialise(
+        cls, prefix: str = "t2iroute-pg-", server_settings: Mapping[str, str] | None = None
+    ) -> PostgresServer:
         """A new, empty cluster with superuser ``postgres``."""
-        server = cls(_nobody_folder(prefix))
+        server = cls(_nobody_folder(prefix), server_settings)
         subprocess.run(
             [
                 str(postgres_bindir() / "initdb"),
@@ -167,7 +172,7 @@ class PostgresServer:
         target = _nobody_folder(prefix)
         # cp -a keeps the owner and the 0700 mode the server insists on.
         subprocess.run(["cp", "-a", str(self.data), str(target / "data")], check=True)
-        return PostgresServer(target)
+        return PostgresServer(target, self.server_settings)
 
     def url(self, driver: str = "postgresql+psycopg", database: str = DATABASE) -> str:
         return f"{driver}://postgres@127.0.0.1:{self.port}/{database}"
@@ -197,6 +202,8 @@ class PostgresServer:
             "-c",
             "max_connections=200",
         ]
+        for name, value in self.server_settings.items():
+            argv += ["-c", f"{name}={value}"]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 argv,
