@@ -96,22 +96,14 @@ def database_now(session: Session) -> datetime:
 def record_steps(session: Session, request_id: str, steps: Sequence[str]) -> list[str]:
     """Record the steps a request now needs; return those not recorded before, whose
     messages the caller sends after commit (a redelivered hand-off sends nothing twice)."""
-    if not steps:
-        return []
-    statement = (
-        _insert(session, Dispatch)
-        .values([{"request_id": request_id, "step": step} for step in steps])
-        .on_conflict_do_nothing()
-        .returning(Dispatch.step)
-    )
-    recorded = set(session.scalars(statement))
-    return [step for step in steps if step in recorded]
+    recorded = record_steps_many(session, [(request_id, step) for step in steps])
+    return [step for step in steps if (request_id, step) in recorded]
 
 
-def _open_step(request_id: str, step: str) -> tuple[ColumnElement[bool], ...]:
-    """The conditions that pick one step of a request while it is open."""
+def _open_steps(request_ids: Sequence[str], step: str) -> tuple[ColumnElement[bool], ...]:
+    """The conditions that pick one step of these requests while it is open."""
     return (
-        Dispatch.request_id == request_id,
+        Dispatch.request_id.in_(list(request_ids)),
         Dispatch.step == step,
         Dispatch.status.in_(OPEN_STEP_STATUSES),
     )
@@ -131,38 +123,23 @@ def start_step(
 ) -> StepStart | None:
     """Mark a step running for this delivery. None when the step is not open (done, given
     up, or never needed): the delivery is a duplicate and has nothing to do."""
-    died = case((Dispatch.status == StepStatus.RUNNING, 1), else_=0) if redelivered else 0
-    row = session.execute(
-        update(Dispatch)
-        .where(*_open_step(request_id, step))
-        .values(
-            status=StepStatus.RUNNING,
-            starts=Dispatch.starts + 1,
-            failures=Dispatch.failures + died,
-            started_at=func.now(),
-        )
-        .returning(Dispatch.failures, Dispatch.starts)
-    ).first()
-    return None if row is None else StepStart(failures=int(row[0]), starts=int(row[1]))
+    return start_steps(
+        session, [request_id], step, redelivered=[request_id] if redelivered else []
+    ).get(request_id)
 
 
 def finish_step(
     session: Session, request_id: str, step: str, status: StepStatus = StepStatus.DONE
 ) -> bool:
     """Close an open step. True if this call closed it."""
-    result = session.execute(
-        update(Dispatch)
-        .where(*_open_step(request_id, step))
-        .values(status=status, finished_at=func.now())
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return finish_steps(session, [request_id], step, status) > 0
 
 
 def fail_attempt(session: Session, request_id: str, step: str, error: str) -> int | None:
     """Count one failed attempt of an open step and return the count (None if closed)."""
     return session.scalar(
         update(Dispatch)
-        .where(*_open_step(request_id, step))
+        .where(*_open_steps([request_id], step))
         .values(
             failures=Dispatch.failures + 1,
             status=StepStatus.PENDING,
@@ -659,11 +636,7 @@ def start_steps(
     )
     rows = session.execute(
         update(Dispatch)
-        .where(
-            Dispatch.request_id.in_(list(request_ids)),
-            Dispatch.step == step,
-            Dispatch.status.in_(OPEN_STEP_STATUSES),
-        )
+        .where(*_open_steps(request_ids, step))
         .values(
             status=StepStatus.RUNNING,
             starts=Dispatch.starts + 1,
@@ -677,18 +650,16 @@ def start_steps(
 
 def finish_steps(
     session: Session, request_ids: Sequence[str], step: str, status: StepStatus = StepStatus.DONE
-) -> None:
-    """``finish_step`` for one step of many requests."""
-    if request_ids:
-        session.execute(
-            update(Dispatch)
-            .where(
-                Dispatch.request_id.in_(list(request_ids)),
-                Dispatch.step == step,
-                Dispatch.status.in_(OPEN_STEP_STATUSES),
-            )
-            .values(status=status, finished_at=func.now())
-        )
+) -> int:
+    """Close one step of many requests where it is open; how many this call closed."""
+    if not request_ids:
+        return 0
+    result = session.execute(
+        update(Dispatch)
+        .where(*_open_steps(request_ids, step))
+        .values(status=status, finished_at=func.now())
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def record_steps_many(session: Session, steps: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:

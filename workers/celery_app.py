@@ -64,12 +64,12 @@ class GenerationRoute:
 def batch_size_of(settings: Settings, queue: str) -> int:
     """The batch size of the stage a queue feeds."""
     if queue == settings.queue_route:
-        return settings.route_batch_size
+        return settings.batching("route")[0]
     if queue == settings.queue_quality:
-        return settings.quality_batch_size
+        return settings.batching("quality")[0]
     for tier in settings.pool:
         if queue == tier.queue_name:
-            return max(settings.generate_batch_size, tier.max_batch or 1)
+            return max(settings.batching("generate")[0], tier.max_batch or 1)
     return 1
 
 

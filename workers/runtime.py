@@ -116,9 +116,6 @@ class RouterService:
         self._version = active.version
         self._tradeoff_at = float("-inf")
 
-    def predict(self, prompt: str) -> Prediction:
-        return self.predict_many([prompt])[0]
-
     def predict_many(self, prompts: Sequence[str]) -> list[Prediction]:
         """Every tier's score for each prompt, and the per-metric D_i where the router
         predicts them, in one forward pass for the batch."""

@@ -175,6 +175,15 @@ class Settings(BaseSettings):
         reserved = (self.queue_route, self.queue_quality, self.queue_maintenance)
         return Pool(tiers, reserved_queues=reserved)
 
+    def batching(self, stage: Literal["route", "quality", "generate"]) -> tuple[int, float]:
+        """A stage's batch: at most this many messages, waiting at most these seconds."""
+        size, wait_ms = {
+            "route": (self.route_batch_size, self.route_batch_wait_ms),
+            "quality": (self.quality_batch_size, self.quality_batch_wait_ms),
+            "generate": (self.generate_batch_size, self.generate_batch_wait_ms),
+        }[stage]
+        return size, wait_ms / 1000.0
+
     @property
     def queues(self) -> dict[str, str]:
         """Every queue by what it carries: route, quality, maintenance, and each tier's."""

@@ -10,6 +10,7 @@ import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -52,6 +53,15 @@ Outcome = list[Step] | RequestGone
 #: A (request id, tier) pair: what a generation or a score works on.
 Key = tuple[str, str]
 
+T = TypeVar("T")
+
+
+def _or_raise(outcome: T | RequestGone) -> T:
+    """One request's outcome of a batched stage, its being gone raised."""
+    if isinstance(outcome, RequestGone):
+        raise outcome
+    return outcome
+
 
 def _live(
     requests: Mapping[str, GenerationRequest], request_ids: Sequence[str]
@@ -66,11 +76,6 @@ def _live(
         else:
             live.append(rid)
     return live, gone
-
-
-def _hand_on(session: Session, request_id: str, done: Step, needed: list[Step]) -> list[Step]:
-    """Close ``done`` and record what follows it, in the caller's transaction."""
-    return _hand_on_many(session, {(request_id, done): needed})[(request_id, done)]
 
 
 def _hand_on_many(
@@ -122,10 +127,7 @@ def route_request(
     pool: Pool,
 ) -> list[Step]:
     """``route_requests`` for one request; raises ``RequestGone`` when it has nothing to do."""
-    outcome = route_requests(session, [request_id], router, budget, pool)[request_id]
-    if isinstance(outcome, RequestGone):
-        raise outcome
-    return outcome
+    return _or_raise(route_requests(session, [request_id], router, budget, pool)[request_id])
 
 
 def route_requests(
@@ -199,10 +201,7 @@ def route_requests(
 
 def generation_job(session: Session, request_id: str, tier: str) -> GenerationRequest | None:
     """The request to render on ``tier``, or None when its image exists already."""
-    job = generation_jobs(session, [(request_id, tier)])[(request_id, tier)]
-    if isinstance(job, RequestGone):
-        raise job
-    return job
+    return _or_raise(generation_jobs(session, [(request_id, tier)])[(request_id, tier)])
 
 
 def generation_jobs(
@@ -278,12 +277,10 @@ def score_image(
     escalation: Escalation | None = None,
 ) -> list[Step]:
     """``score_images`` for one image; raises ``RequestGone`` when it has nothing to do."""
-    outcome = score_images(
+    outcomes = score_images(
         session, [(request_id, tier)], scorer=scorer, store=store, escalation=escalation
-    )[(request_id, tier)]
-    if isinstance(outcome, RequestGone):
-        raise outcome
-    return outcome
+    )
+    return _or_raise(outcomes[(request_id, tier)])
 
 
 def score_images(

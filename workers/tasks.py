@@ -12,7 +12,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import redis.exceptions
 import sqlalchemy.exc
@@ -366,28 +366,25 @@ def _score(keys: list[StepKey]) -> dict[StepKey, stages.Outcome]:
     return {(rid, flow.score(tier)): outcome for (rid, tier), outcome in outcomes.items()}
 
 
-_settings = get_settings()
+def _batched(name: str, stage: Literal["route", "quality", "generate"]) -> dict[str, Any]:
+    """The task options of a batched stage: its name and its batch from the settings."""
+    size, wait = get_settings().batching(stage)
+    return {
+        "bind": True,
+        "base": BatchTask,
+        "name": name,
+        "batch_size": size,
+        "batch_wait_seconds": wait,
+    }
 
 
-@app.task(
-    bind=True,
-    base=BatchTask,
-    name=TASK_ROUTE,
-    batch_size=_settings.route_batch_size,
-    batch_wait_seconds=_settings.route_batch_wait_ms / 1000.0,
-)
+@app.task(**_batched(TASK_ROUTE, "route"))
 def route(self: Task, deliveries: list[Delivery]) -> None:
     """Route a batch of requests (one router forward pass)."""
     run_steps(self, deliveries, _route)
 
 
-@app.task(
-    bind=True,
-    base=BatchTask,
-    name=TASK_GENERATE,
-    batch_size=_settings.generate_batch_size,
-    batch_wait_seconds=_settings.generate_batch_wait_ms / 1000.0,
-)
+@app.task(**_batched(TASK_GENERATE, "generate"))
 def generate_image(self: Task, deliveries: list[Delivery]) -> None:
     """Render a batch of requests' images on the tiers they name (each message routed to
     its tier's queue)."""
@@ -395,13 +392,7 @@ def generate_image(self: Task, deliveries: list[Delivery]) -> None:
     run_steps(self, deliveries, lambda keys: _generate(keys, worker))
 
 
-@app.task(
-    bind=True,
-    base=BatchTask,
-    name=TASK_SCORE,
-    batch_size=_settings.quality_batch_size,
-    batch_wait_seconds=_settings.quality_batch_wait_ms / 1000.0,
-)
+@app.task(**_batched(TASK_SCORE, "quality"))
 def score(self: Task, deliveries: list[Delivery]) -> None:
     """Score a batch of images (one CLIP call)."""
     run_steps(self, deliveries, _score)
