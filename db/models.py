@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Boolean,
+    CheckConstraint,
     DateTime,
     Enum,
     Float,
@@ -270,4 +271,37 @@ class RouterVersion(Base):
             postgresql_where=text("is_active"),
             sqlite_where=text("is_active"),
         ),
+    )
+
+
+class RouterEvent(enum.StrEnum):
+    """What happened to a router version: registered by the retraining job; promoted (by the
+    gate or an operator); refused by the gate; rolled back (an operator returned to the one
+    before)."""
+
+    REGISTERED = "registered"
+    PROMOTED = "promoted"
+    REFUSED = "refused"
+    ROLLED_BACK = "rolled_back"
+
+
+class RouterEventRow(Base):
+    """One event of a router version's history (migration 0005 says why ``version`` is a name,
+    not a key: a baseline policy has a history too)."""
+
+    __tablename__ = "router_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version: Mapped[str] = mapped_column(String(200), nullable=False)
+    event: Mapped[str] = mapped_column(String(16), nullable=False)
+    actor: Mapped[str] = mapped_column(String(64), nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    details: Mapped[dict[str, Any]] = mapped_column(nullable=False)
+    at: Mapped[datetime] = _utc_now_column()
+
+    __table_args__ = (
+        CheckConstraint(
+            "event IN ('registered', 'promoted', 'refused', 'rolled_back')", name="event"
+        ),
+        Index("ix_router_events_version_id", "version", "id"),
     )
