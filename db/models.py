@@ -49,12 +49,18 @@ class Base(DeclarativeBase):
 
 class Status(enum.StrEnum):
     """queued: waiting for the router. routed: a tier was chosen, images and scores pending.
-    done and failed are final; failed carries a reason."""
+    done, failed and cancelled are final; failed carries a reason. cancelled: its caller
+    withdrew it before any generation started (``db.queries.cancel``)."""
 
     QUEUED = "queued"
     ROUTED = "routed"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+#: The states a request never leaves.
+FINAL_STATUSES = (Status.DONE, Status.FAILED, Status.CANCELLED)
 
 
 # A tier is a name from the pool (workers/pool.py), not an enum: pools are configuration.
@@ -84,7 +90,7 @@ class GenerationRequest(Base):
     __tablename__ = "generation_requests"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_new_id)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
     prompt: Mapped[str] = mapped_column(Text, nullable=False)
     width: Mapped[int] = mapped_column(Integer, nullable=False)
     height: Mapped[int] = mapped_column(Integer, nullable=False)
@@ -101,9 +107,32 @@ class GenerationRequest(Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _utc_now_column()
     updated_at: Mapped[datetime] = _utc_now_column()
+    # The caller's: where to POST the outcome, what to be handed back with it, and the API
+    # key that made it (None: made in-process, or over HTTP with auth off).
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    client_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
     # No index on status: nothing selects requests by status alone, and with one a fresh
     # table's planner took it for transition()'s ``id = ... AND status IN (...)``, reading
     # every request in that status; without it a transition is also a HOT update.
+
+    __table_args__ = (
+        # An idempotency key is its caller's: two API keys may use the same one without
+        # meeting. A unique constraint holds NULLs distinct, so the requests made without an
+        # API key (one namespace) have a partial index of their own.
+        UniqueConstraint("api_key_id", "idempotency_key", name="uq_generation_requests_owner_key"),
+        Index(
+            "uq_generation_requests_keyless_key",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("api_key_id IS NULL"),
+            sqlite_where=text("api_key_id IS NULL"),
+        ),
+        # The listing's order, newest first and by id within one instant (its cursor): all
+        # requests, and one API key's.
+        Index("ix_generation_requests_created_at_id", "created_at", "id"),
+        Index("ix_generation_requests_api_key_created_at", "api_key_id", "created_at", "id"),
+    )
 
 
 class RoutingDecision(Base):
@@ -137,8 +166,11 @@ class RoutingDecision(Base):
     created_at: Mapped[datetime] = _utc_now_column()
 
     # recent_predictions(): a version's latest decisions, newest first, without reading
-    # every other version's.
-    __table_args__ = (Index("ix_routing_decisions_router_version_id", "router_version", "id"),)
+    # every other version's. spend_since(): the decisions of the last minutes.
+    __table_args__ = (
+        Index("ix_routing_decisions_router_version_id", "router_version", "id"),
+        Index("ix_routing_decisions_created_at", "created_at"),
+    )
 
 
 class Generation(Base):
@@ -155,7 +187,11 @@ class Generation(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = _utc_now_column()
 
-    __table_args__ = (UniqueConstraint("request_id", "tier", name="uq_generations_request_tier"),)
+    __table_args__ = (
+        UniqueConstraint("request_id", "tier", name="uq_generations_request_tier"),
+        # spend_since(): the images of the last minutes.
+        Index("ix_generations_created_at", "created_at"),
+    )
 
 
 class QualityScore(Base):
@@ -304,4 +340,91 @@ class RouterEventRow(Base):
             "event IN ('registered', 'promoted', 'refused', 'rolled_back')", name="event"
         ),
         Index("ix_router_events_version_id", "version", "id"),
+    )
+
+
+class ApiKey(Base):
+    """A key of the HTTP API. Only the key's SHA-256 is kept (``workers.keys`` says why that
+    is enough for a random key); ``key_prefix`` names it in listings. ``callback_secret``
+    signs the callbacks to this key's URLs, so it is kept as it is."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True, nullable=False)
+    key_prefix: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    is_admin: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    callback_secret: Mapped[str] = mapped_column(String(100), nullable=False)
+    created_at: Mapped[datetime] = _utc_now_column()
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class CallbackState(enum.StrEnum):
+    """pending: to be POSTed (again) at ``next_attempt_at``. delivered: the receiver answered
+    2xx, and it is never sent again. failed: every attempt failed, or it cannot be sent."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class CallbackDelivery(Base):
+    """The outbox of a request's callback: written in the transaction that ends the request
+    (``db.queries.record_callbacks``), so an ended request with a callback URL always has
+    one, whoever ended it and whatever happened to the message sent after commit. One per
+    request. ``next_attempt_at`` is both when the next attempt is due and, while an attempt
+    is in flight, the end of its claim (``workers/callbacks.py``)."""
+
+    __tablename__ = "callback_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("generation_requests.id", ondelete="CASCADE"), unique=True, nullable=False
+    )
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    state: Mapped[CallbackState] = mapped_column(
+        _string_enum(CallbackState, "callback_state"),
+        nullable=False,
+        default=CallbackState.PENDING,
+    )
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime] = _utc_now_column()
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _utc_now_column()
+
+    __table_args__ = (
+        # The sweep's pending deliveries by when they are due; delivered and failed ones,
+        # which are most of the table, are not in it.
+        Index(
+            "ix_callback_deliveries_pending",
+            "next_attempt_at",
+            postgresql_where=text("state = 'pending'"),
+            sqlite_where=text("state = 'pending'"),
+        ),
+    )
+
+
+class CallbackAttempt(Base):
+    """One POST of a callback and how it went: the receiver's status, or why there was none.
+    A row per attempt rather than a JSON list on the delivery: attempts are appended by
+    whichever worker made them, never rewritten, and can be counted by outcome in SQL."""
+
+    __tablename__ = "callback_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(
+        ForeignKey("callback_deliveries.id", ondelete="CASCADE"), nullable=False
+    )
+    number: Mapped[int] = mapped_column(Integer, nullable=False)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    attempted_at: Mapped[datetime] = _utc_now_column()
+
+    __table_args__ = (
+        UniqueConstraint("delivery_id", "number", name="uq_callback_attempts_delivery_number"),
     )

@@ -8,17 +8,34 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, column, func, inspect, select, update, values
+from sqlalchemy import (
+    ColumnElement,
+    case,
+    column,
+    func,
+    inspect,
+    literal,
+    select,
+    tuple_,
+    update,
+    values,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import (
+    FINAL_STATUSES,
     OPEN_STEP_STATUSES,
+    ApiKey,
     Base,
+    CallbackAttempt,
+    CallbackDelivery,
+    CallbackState,
     Dispatch,
     Generation,
     GenerationRequest,
     QualityScore,
+    RouterEventRow,
     RouterVersion,
     RoutingDecision,
     Status,
@@ -53,17 +70,28 @@ def transition(
     to_status: Status,
     reason: str | None = None,
 ) -> bool:
-    """Move a request to ``to_status`` only if it is in ``from_status``. True if it moved."""
+    """Move a request to ``to_status`` only if it is in ``from_status``. True if it moved.
+    A move to a final state records the request's callback in the same transaction."""
     sources = [from_status] if isinstance(from_status, Status) else list(from_status)
     values: dict[str, Any] = {"status": to_status, "updated_at": func.now()}
     if reason is not None:
         values["failure_reason"] = reason[:4000]
-    result = session.execute(
+    moved = session.execute(
         update(GenerationRequest)
         .where(GenerationRequest.id == request_id, GenerationRequest.status.in_(sources))
         .values(**values)
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+        .returning(GenerationRequest.id, GenerationRequest.callback_url)
+    ).all()
+    if to_status in FINAL_STATUSES:
+        _record_callbacks_of(session, moved)
+    return bool(moved)
+
+
+def _record_callbacks_of(session: Session, moved: Sequence[Any]) -> None:
+    """The callbacks of requests that just ended: no statement when none asked for one."""
+    wanted = sorted(request_id for request_id, url in moved if url is not None)
+    if wanted:
+        record_callbacks(session, wanted)
 
 
 def fail(session: Session, request_id: str, reason: str) -> bool:
@@ -397,10 +425,7 @@ def router_version(session: Session, version: str) -> RouterVersion | None:
 
 def promote_router_version(session: Session, version_id: int) -> None:
     """Make one version the only active one, in one transaction."""
-    session.execute(
-        update(RouterVersion).where(RouterVersion.is_active.is_(True)).values(is_active=False)
-    )
-    session.flush()
+    deactivate_router_versions(session)
     session.execute(
         update(RouterVersion)
         .where(RouterVersion.id == version_id)
@@ -408,11 +433,51 @@ def promote_router_version(session: Session, version_id: int) -> None:
     )
 
 
+def deactivate_router_versions(session: Session) -> None:
+    """No version active: the default policy serves (a rollback past the first version)."""
+    session.execute(
+        update(RouterVersion).where(RouterVersion.is_active.is_(True)).values(is_active=False)
+    )
+    session.flush()
+
+
+def record_router_event(
+    session: Session,
+    version: str,
+    event: str,
+    *,
+    actor: str,
+    reason: str,
+    details: dict[str, Any] | None = None,
+) -> None:
+    """Append one event to a router version's history (``db.models.RouterEvent``)."""
+    session.add(
+        RouterEventRow(
+            version=version, event=event, actor=actor, reason=reason, details=details or {}
+        )
+    )
+    session.flush()
+
+
+def router_events(session: Session, version: str | None = None) -> list[RouterEventRow]:
+    """The history of one version, or of all of them, oldest first."""
+    query = select(RouterEventRow).order_by(RouterEventRow.id)
+    if version is not None:
+        query = query.where(RouterEventRow.version == version)
+    return list(session.scalars(query))
+
+
 def labelled_prompts(
     session: Session, metrics_version: str
 ) -> list[tuple[str, dict[str, list[float]]]]:
     """Every prompt scored on two or more tiers (the exploration sample), with each tier's
     metric vector: pairs, or any subset of the pool, are built from these at training time."""
+    return list(_labelled(session, metrics_version).values())
+
+
+def _labelled(
+    session: Session, metrics_version: str
+) -> dict[str, tuple[str, dict[str, list[float]]]]:
     rows = session.execute(
         select(
             GenerationRequest.id, GenerationRequest.prompt, QualityScore.tier, QualityScore.scores
@@ -424,7 +489,7 @@ def labelled_prompts(
     labelled: dict[str, tuple[str, dict[str, list[float]]]] = {}
     for request_id, prompt, tier, scores in rows:
         labelled.setdefault(request_id, (prompt, {}))[1][tier] = list(scores["values"])
-    return [entry for entry in labelled.values() if len(entry[1]) >= 2]
+    return {rid: entry for rid, entry in labelled.items() if len(entry[1]) >= 2}
 
 
 def training_pairs(
@@ -432,8 +497,19 @@ def training_pairs(
 ) -> list[tuple[str, list[float], list[float]]]:
     """(prompt, reference tier's metrics, other tier's metrics) of every prompt scored on both."""
     return [
-        (prompt, tiers[reference], tiers[other])
-        for prompt, tiers in labelled_prompts(session, metrics_version)
+        (prompt, ref, oth)
+        for _, prompt, ref, oth in labelled_pairs(session, metrics_version, reference, other)
+    ]
+
+
+def labelled_pairs(
+    session: Session, metrics_version: str, reference: str, other: str
+) -> list[tuple[str, str, list[float], list[float]]]:
+    """(request id, prompt, reference tier's metrics, other tier's metrics) of every request
+    scored on both, oldest first."""
+    return [
+        (request_id, prompt, tiers[reference], tiers[other])
+        for request_id, (prompt, tiers) in _labelled(session, metrics_version).items()
         if reference in tiers and other in tiers
     ]
 
@@ -599,19 +675,21 @@ def scored_tiers_many(
 def transition_many(
     session: Session, request_ids: Sequence[str], *, from_status: Status, to_status: Status
 ) -> set[str]:
-    """``transition`` for many requests; the ids that moved."""
+    """``transition`` for many requests (callbacks included); the ids that moved."""
     if not request_ids:
         return set()
-    moved = session.scalars(
+    moved = session.execute(
         update(GenerationRequest)
         .where(
             GenerationRequest.id.in_(list(request_ids)),
             GenerationRequest.status == from_status,
         )
         .values(status=to_status, updated_at=func.now())
-        .returning(GenerationRequest.id)
-    )
-    return set(moved)
+        .returning(GenerationRequest.id, GenerationRequest.callback_url)
+    ).all()
+    if to_status in FINAL_STATUSES:
+        _record_callbacks_of(session, moved)
+    return {request_id for request_id, _ in moved}
 
 
 def start_steps(
@@ -673,3 +751,336 @@ def record_steps_many(session: Session, steps: Sequence[tuple[str, str]]) -> set
         .returning(Dispatch.request_id, Dispatch.step)
     )
     return {(rid, step) for rid, step in session.execute(statement)}
+
+
+# --- callbacks (the outbox) ------------------------------------------------------------------
+
+#: ``Session.info`` key: the requests whose callback this transaction recorded, which
+#: ``workers.callbacks`` sends once the transaction has committed.
+CALLBACKS_TO_SEND = "t2iroute.callbacks_to_send"
+
+
+def record_callbacks(session: Session, request_ids: Sequence[str]) -> list[str]:
+    """A pending callback delivery for each of these requests that has a callback URL, once.
+    ``transition`` calls it in the transaction that ends a request, so that the end and the
+    promise of its callback commit together, whoever ended it. The request ids recorded now
+    are also noted in ``session.info`` for sending after commit, and returned."""
+    if not request_ids:
+        return []
+    source = select(
+        GenerationRequest.id,
+        GenerationRequest.callback_url,
+        literal(CallbackState.PENDING.value),
+        literal(0),
+    ).where(
+        GenerationRequest.id.in_(list(request_ids)), GenerationRequest.callback_url.is_not(None)
+    )
+    statement = (
+        _insert(session, CallbackDelivery)
+        .from_select(["request_id", "url", "state", "attempts"], source)
+        .on_conflict_do_nothing()
+        .returning(CallbackDelivery.request_id)
+    )
+    recorded = list(session.scalars(statement))
+    if recorded:
+        session.info.setdefault(CALLBACKS_TO_SEND, []).extend(recorded)
+    return recorded
+
+
+@dataclass(frozen=True)
+class CallbackClaim:
+    """The right to make attempt ``number`` of a delivery, held until ``held_until``."""
+
+    delivery_id: int
+    request_id: str
+    url: str
+    number: int
+    held_until: datetime
+
+
+def claim_callback(
+    session: Session, request_id: str, *, due_by: datetime, hold_until: datetime
+) -> CallbackClaim | None:
+    """Take the next attempt of a request's pending callback that is due by ``due_by``: one
+    conditional statement counts the attempt and moves ``next_attempt_at`` to ``hold_until``,
+    so that no other message claims it while this attempt is in flight. None when the
+    callback is delivered, failed, not due, or claimed by another: nothing to send."""
+    row = session.execute(
+        update(CallbackDelivery)
+        .where(
+            CallbackDelivery.request_id == request_id,
+            CallbackDelivery.state == CallbackState.PENDING,
+            CallbackDelivery.next_attempt_at <= due_by,
+        )
+        .values(attempts=CallbackDelivery.attempts + 1, next_attempt_at=hold_until)
+        .returning(CallbackDelivery.id, CallbackDelivery.url, CallbackDelivery.attempts)
+    ).first()
+    if row is None:
+        return None
+    delivery_id, url, number = row
+    return CallbackClaim(int(delivery_id), request_id, url, int(number), hold_until)
+
+
+@dataclass(frozen=True)
+class CallbackOutcome:
+    """How one attempt went, and what the delivery becomes: ``state``, due again at
+    ``next_attempt_at`` when still pending."""
+
+    state: CallbackState
+    status_code: int | None
+    error: str | None
+    duration_ms: float
+    attempted_at: datetime
+    worker: str | None = None
+    next_attempt_at: datetime | None = None
+
+
+def settle_callback(session: Session, claim: CallbackClaim, outcome: CallbackOutcome) -> bool:
+    """Record the attempt and move the delivery to its outcome's state, if the claim still
+    holds (no later attempt has been claimed since). True if the delivery moved."""
+    changes: dict[str, Any] = {
+        "state": outcome.state,
+        "last_status": outcome.status_code,
+        "last_error": None if outcome.error is None else outcome.error[:4000],
+    }
+    if outcome.state is CallbackState.DELIVERED:
+        changes["delivered_at"] = func.now()
+    if outcome.next_attempt_at is not None:
+        changes["next_attempt_at"] = outcome.next_attempt_at
+    insert_ignore(
+        session,
+        CallbackAttempt,
+        {
+            "delivery_id": claim.delivery_id,
+            "number": claim.number,
+            "status_code": outcome.status_code,
+            "error": None if outcome.error is None else outcome.error[:4000],
+            "duration_ms": outcome.duration_ms,
+            "worker": outcome.worker,
+            "attempted_at": outcome.attempted_at,
+        },
+    )
+    result = session.execute(
+        update(CallbackDelivery)
+        .where(
+            CallbackDelivery.id == claim.delivery_id,
+            CallbackDelivery.state == CallbackState.PENDING,
+            CallbackDelivery.attempts == claim.number,
+        )
+        .values(**changes)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def overdue_callbacks(session: Session, cutoff: datetime, now: datetime, limit: int) -> list[str]:
+    """Pending callbacks due before ``cutoff``: their message was lost, or the worker of an
+    attempt died before settling it. Each is made due ``now``, so that the next sweep leaves
+    it alone while the message sent for it now waits; the request ids, oldest first."""
+    overdue = (
+        select(CallbackDelivery.id)
+        .where(
+            CallbackDelivery.state == CallbackState.PENDING,
+            CallbackDelivery.next_attempt_at < cutoff,
+        )
+        .order_by(CallbackDelivery.next_attempt_at)
+        .limit(limit)
+    )
+    rows = session.execute(
+        update(CallbackDelivery)
+        .where(
+            CallbackDelivery.id.in_(overdue.scalar_subquery()),
+            CallbackDelivery.state == CallbackState.PENDING,
+            CallbackDelivery.next_attempt_at < cutoff,
+        )
+        .values(next_attempt_at=now)
+        .returning(CallbackDelivery.request_id, CallbackDelivery.created_at)
+    )
+    return [rid for rid, _ in sorted(rows, key=lambda row: row[1])]
+
+
+def callback_delivery(session: Session, request_id: str) -> CallbackDelivery | None:
+    return session.scalar(select(CallbackDelivery).where(CallbackDelivery.request_id == request_id))
+
+
+def callback_attempts(session: Session, request_id: str) -> list[CallbackAttempt]:
+    """A request's callback attempts, first first."""
+    return list(
+        session.scalars(
+            select(CallbackAttempt)
+            .join(CallbackDelivery, CallbackDelivery.id == CallbackAttempt.delivery_id)
+            .where(CallbackDelivery.request_id == request_id)
+            .order_by(CallbackAttempt.number)
+        )
+    )
+
+
+def callback_secret_of(session: Session, api_key_id: int) -> str | None:
+    """The callback secret of the API key that made a request (revoked or not: the request
+    was made while it held)."""
+    return session.scalar(select(ApiKey.callback_secret).where(ApiKey.id == api_key_id))
+
+
+# --- the HTTP API: cancel, list, reports -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    """A cancel's outcome: ``status`` is the request's state after it; ``refusal`` says why
+    it was not cancelled (None when it was, now or before)."""
+
+    status: Status
+    refusal: str | None = None
+
+
+def cancel(session: Session, request_id: str, *, early_steps: Sequence[str]) -> Cancellation | None:
+    """Cancel a request that has not started generating: queued, or routed with no step but
+    ``early_steps`` (the route) started. None for an unknown request.
+
+    The request's row is locked first, so a routing transaction in flight has committed (its
+    steps are seen) or waits and then finds the request cancelled (``workers.stages``); its
+    later steps are locked next, so a worker starting one either went first (refused here)
+    or waits and finds the step closed. The state moves in one conditional UPDATE, and every
+    open step is closed with it: nothing is left half-written, and nothing to sweep."""
+    status = session.scalar(
+        select(GenerationRequest.status).where(GenerationRequest.id == request_id).with_for_update()
+    )
+    if status is None:
+        return None
+    status = Status(status)
+    if status in FINAL_STATUSES:
+        return Cancellation(status, None if status is Status.CANCELLED else f"it is {status}")
+    later = session.execute(
+        select(Dispatch.step, Dispatch.started_at)
+        .where(Dispatch.request_id == request_id, Dispatch.step.not_in(list(early_steps)))
+        .order_by(Dispatch.id)
+        .with_for_update()
+    ).all()
+    started = sorted((at, step) for step, at in later if at is not None)
+    if started:
+        at, step = started[0]
+        return Cancellation(status, f"{step} started at {_as_datetime(at).isoformat()}")
+    if not transition(
+        session,
+        request_id,
+        from_status=(Status.QUEUED, Status.ROUTED),
+        to_status=Status.CANCELLED,
+    ):
+        raise RuntimeError(f"request {request_id} changed state under its lock")
+    session.execute(
+        update(Dispatch)
+        .where(Dispatch.request_id == request_id, Dispatch.status.in_(OPEN_STEP_STATUSES))
+        .values(status=StepStatus.ABANDONED, finished_at=func.now())
+    )
+    return Cancellation(Status.CANCELLED)
+
+
+@dataclass(frozen=True)
+class RequestFilter:
+    """Which requests a listing shows. ``owner``: one API key's (None: everyone's)."""
+
+    owner: int | None = None
+    status: Status | None = None
+    tier: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    idempotency_key: str | None = None
+
+
+def list_requests(
+    session: Session,
+    where: RequestFilter,
+    *,
+    limit: int,
+    before: tuple[datetime, str] | None = None,
+) -> list[GenerationRequest]:
+    """Requests newest first, by (created_at, id): the ``limit`` that come after ``before``
+    (the last one of the previous page). The order and the owner are those of the indexes
+    ``ix_generation_requests_created_at_id`` and ``..._api_key_created_at``, so a page is an
+    index range scan whatever the table's size; the other conditions filter along it."""
+    query = select(GenerationRequest)
+    if where.owner is not None:
+        query = query.where(GenerationRequest.api_key_id == where.owner)
+    if where.status is not None:
+        query = query.where(GenerationRequest.status == where.status)
+    if where.tier is not None:
+        # The tier that answers; the decision is found by its unique request_id.
+        query = query.join(
+            RoutingDecision, RoutingDecision.request_id == GenerationRequest.id
+        ).where(RoutingDecision.tier == where.tier)
+    if where.created_after is not None:
+        query = query.where(GenerationRequest.created_at >= where.created_after)
+    if where.created_before is not None:
+        query = query.where(GenerationRequest.created_at < where.created_before)
+    if where.idempotency_key is not None:
+        query = query.where(GenerationRequest.idempotency_key == where.idempotency_key)
+    if before is not None:
+        query = query.where(
+            tuple_(GenerationRequest.created_at, GenerationRequest.id) < tuple_(*before)
+        )
+    query = query.order_by(GenerationRequest.created_at.desc(), GenerationRequest.id.desc())
+    return list(session.scalars(query.limit(limit)))
+
+
+def quality_scores_of(session: Session, request_id: str) -> list[QualityScore]:
+    return list(
+        session.scalars(
+            select(QualityScore)
+            .where(QualityScore.request_id == request_id)
+            .order_by(QualityScore.id)
+        )
+    )
+
+
+@dataclass(frozen=True)
+class Spend:
+    """The routing decisions made since a moment: how many, the cost units they drew from
+    the budget, the requests each tier answered and the images made on each (explorations
+    included)."""
+
+    decisions: int
+    spent: float
+    answers: dict[str, int]
+    generations: dict[str, int]
+
+
+def spend_since(session: Session, since: datetime) -> Spend:
+    """What the budget paid for since ``since``, read along the created_at indexes."""
+    decisions, spent = session.execute(
+        select(func.count(), func.coalesce(func.sum(RoutingDecision.spent), 0.0)).where(
+            RoutingDecision.created_at >= since
+        )
+    ).one()
+    answers = session.execute(
+        select(RoutingDecision.tier, func.count())
+        .where(RoutingDecision.created_at >= since)
+        .group_by(RoutingDecision.tier)
+    )
+    generations = session.execute(
+        select(Generation.tier, func.count())
+        .where(Generation.created_at >= since)
+        .group_by(Generation.tier)
+    )
+    return Spend(
+        decisions=int(decisions),
+        spent=float(spent),
+        answers={tier: int(n) for tier, n in answers},
+        generations={tier: int(n) for tier, n in generations},
+    )
+
+
+def latest_tradeoff(session: Session) -> float | None:
+    """The policy's trade-off parameter in its most recent decision."""
+    return session.scalar(
+        select(RoutingDecision.tradeoff).order_by(RoutingDecision.id.desc()).limit(1)
+    )
+
+
+def router_versions(session: Session, *, lock: bool = False) -> list[RouterVersion]:
+    """Every registered router version, oldest first. ``lock`` takes their row locks until
+    the transaction ends, so that two promotions or rollbacks (or one and the retraining
+    job's promotion) read the serving history one after the other, never both before
+    either writes."""
+    query = select(RouterVersion).order_by(RouterVersion.id)
+    if lock:
+        query = query.with_for_update()
+    return list(session.scalars(query))

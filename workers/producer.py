@@ -6,13 +6,16 @@ the request stays ``queued`` and the sweeper sends it later, so nothing is lost.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import secrets
 import unicodedata
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from sqlalchemy import select
@@ -22,12 +25,15 @@ from db.models import GenerationRequest, Status
 from db.session import session_scope
 from workers.flow import ROUTE, task_id
 from workers.settings import Settings, get_settings
+from workers.views import request_view
 
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**31 - 1
 MAX_GUIDANCE_SCALE = 50.0
 MAX_KEY_CHARS = 200
+MAX_URL_CHARS = 2000
+MAX_METADATA_DEPTH = 16
 
 # Code points that show nothing yet are not format characters (Cf): the fillers and selectors
 # of Unicode's Default_Ignorable_Code_Point property (DerivedCoreProperties.txt).
@@ -91,6 +97,24 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+def check_key(key: str) -> str:
+    """An idempotency key as given, or ValueError saying what is wrong with it."""
+    # The length is checked here rather than as a field constraint, which would refuse
+    # undecodable text with pydantic's own words before this validator could name it.
+    if not _is_utf8(key):
+        raise ValueError("must be valid UTF-8 text")
+    if not 1 <= len(key) <= MAX_KEY_CHARS:
+        raise ValueError(f"must have 1 to {MAX_KEY_CHARS} characters")
+    # isprintable() refuses control and format characters, line and paragraph separators
+    # and every space but U+0020; letters of any script pass, and the key is kept exactly
+    # as given (no normalisation), so "clé-1" is stored as "clé-1".
+    if not key.isprintable():
+        raise ValueError("must be printable text")
+    if key != key.strip():
+        raise ValueError("must not begin or end with a space")
+    return key
+
+
 def _strippable(char: str) -> bool:
     # Format characters at either end (a BOM, a stray zero-width space) carry nothing and
     # would make two equal prompts differ; inside a prompt they may join an emoji sequence.
@@ -127,6 +151,10 @@ class RequestSpec(BaseModel):
         default=None, ge=0.0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False
     )
     idempotency_key: str | None = None
+    #: Where to POST the outcome when the request ends (workers/callbacks.py).
+    callback_url: str | None = None
+    #: The caller's own JSON object, kept and handed back with the request.
+    metadata: dict[str, Any] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -168,22 +196,79 @@ class RequestSpec(BaseModel):
     @field_validator("idempotency_key")
     @classmethod
     def _key(cls, key: str | None) -> str | None:
-        if key is None:
+        return None if key is None else check_key(key)
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_url(cls, url: str | None) -> str | None:
+        if url is None:
             return None
-        # The length is checked here rather than as a field constraint, which would refuse
-        # undecodable text with pydantic's own words before this validator could name it.
-        if not _is_utf8(key):
+        if not _is_utf8(url):
             raise ValueError("must be valid UTF-8 text")
-        if not 1 <= len(key) <= MAX_KEY_CHARS:
-            raise ValueError(f"must have 1 to {MAX_KEY_CHARS} characters")
-        # isprintable() refuses control and format characters, line and paragraph separators
-        # and every space but U+0020; letters of any script pass, and the key is kept exactly
-        # as given (no normalisation), so "clé-1" is stored as "clé-1".
-        if not key.isprintable():
-            raise ValueError("must be printable text")
-        if key != key.strip():
-            raise ValueError("must not begin or end with a space")
-        return key
+        if not 1 <= len(url) <= MAX_URL_CHARS:
+            raise ValueError(f"must have 1 to {MAX_URL_CHARS} characters")
+        # RFC 3986: a URL is printable ASCII without spaces (an international domain name
+        # in its xn-- form, other text percent-encoded).
+        if not (url.isascii() and url.isprintable()) or " " in url:
+            raise ValueError("must be printable ASCII without spaces (percent-encode the rest)")
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises for a port that is no number or out of range)
+        except ValueError as exc:
+            raise ValueError(f"is not a URL: {exc}") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("must be an http or https URL")
+        if not parts.hostname:
+            raise ValueError("must name a host")
+        # Credentials in a URL end up in logs; the receiver checks the signature instead.
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not carry credentials (callbacks are signed instead)")
+        return url
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, metadata: Any, info: ValidationInfo) -> Any:
+        settings = _settings(info)
+        if metadata is None:
+            return None
+        if not isinstance(metadata, dict):
+            raise ValueError("must be a JSON object")
+        problem = _json_problem(metadata, 1)
+        if problem is not None:
+            raise ValueError(problem)
+        size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
+        if size > settings.max_metadata_bytes:
+            raise ValueError(
+                f"has {size} bytes as JSON; the limit is {settings.max_metadata_bytes}"
+            )
+        return metadata
+
+
+def _json_problem(value: Any, depth: int) -> str | None:
+    """What keeps ``value`` from being stored as JSON and read back equal, or None: only
+    objects with string names, arrays, text, finite numbers, booleans and null, nested at
+    most MAX_METADATA_DEPTH deep (a Python caller could pass a tuple, NaN or a cycle)."""
+    if depth > MAX_METADATA_DEPTH:
+        return f"is nested more than {MAX_METADATA_DEPTH} deep"
+    if value is None or isinstance(value, bool | int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "holds a number that is not finite"
+    if isinstance(value, str):
+        return None if _is_utf8(value) else "holds text that is not valid UTF-8"
+    if isinstance(value, list):
+        items: list[Any] = value
+    elif isinstance(value, dict):
+        if not all(isinstance(name, str) for name in value):
+            return "has a name that is not text"
+        items = [*value, *value.values()]
+    else:
+        return f"holds a {type(value).__name__}, which is no JSON value"
+    for item in items:
+        problem = _json_problem(item, depth + 1)
+        if problem is not None:
+            return problem
+    return None
 
 
 def _field_name(loc: tuple[int | str, ...]) -> str:
@@ -229,15 +314,25 @@ def _row_values(spec: RequestSpec, settings: Settings) -> dict[str, Any]:
         "steps": spec.steps,
         "seed": spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED),
         "guidance_scale": spec.guidance_scale,
+        "callback_url": spec.callback_url,
+        "client_metadata": spec.metadata,
     }
 
 
-def submit(prompt: str, *, settings: Settings | None = None, **options: Any) -> Submitted:
+def submit(
+    prompt: str,
+    *,
+    settings: Settings | None = None,
+    api_key_id: int | None = None,
+    **options: Any,
+) -> Submitted:
     """Accept one request and enqueue it. The same idempotency key twice gives the same
-    request and one job; the same key with other parameters is refused."""
+    request and one job; the same key with other parameters is refused. ``options`` are
+    RequestSpec's fields (``callback_url`` and ``metadata`` included); ``api_key_id`` is
+    the HTTP API key that makes it, whose own idempotency keys these are."""
     settings = settings or get_settings()
     spec = parse_request(settings, prompt=prompt, **options)
-    values = _row_values(spec, settings)
+    values = {**_row_values(spec, settings), "api_key_id": api_key_id}
     with session_scope(settings.database_url) as session:
         request_id = None
         if spec.idempotency_key is not None:
@@ -251,9 +346,14 @@ def submit(prompt: str, *, settings: Settings | None = None, **options: Any) -> 
                     "status": Status.QUEUED,
                 },
             )
+            owner = (
+                GenerationRequest.api_key_id.is_(None)
+                if api_key_id is None
+                else GenerationRequest.api_key_id == api_key_id
+            )
             row = session.scalar(
                 select(GenerationRequest).where(
-                    GenerationRequest.idempotency_key == spec.idempotency_key
+                    GenerationRequest.idempotency_key == spec.idempotency_key, owner
                 )
             )
             assert row is not None
@@ -277,10 +377,14 @@ def _new_request_id() -> str:
     return str(uuid.uuid4())
 
 
+#: RequestSpec's fields stored under another column name.
+_COLUMNS = {"metadata": "client_metadata"}
+
+
 def _check_same(row: GenerationRequest, spec: RequestSpec) -> None:
     stated = {k: v for k, v in spec.model_dump().items() if v is not None}
     stated.pop("idempotency_key", None)
-    differing = [k for k, v in stated.items() if getattr(row, k) != v]
+    differing = [k for k, v in stated.items() if getattr(row, _COLUMNS.get(k, k)) != v]
     if differing:
         raise InvalidRequest(
             f"idempotency key {row.idempotency_key!r} was used before with other "
@@ -304,46 +408,10 @@ def _enqueue(request_id: str) -> bool:
 
 
 def describe(request_id: str, *, settings: Settings | None = None) -> dict[str, Any] | None:
-    """Where a request stands: status, reason, routing decision, images and mean quality."""
+    """Where a request stands (``workers.views.RequestView``) as plain JSON, or None."""
     settings = settings or get_settings()
     with session_scope(settings.database_url) as session:
         request = queries.get_request(session, request_id)
         if request is None:
             return None
-        decision = queries.get_decision(session, request_id)
-        generations = queries.generations_of(session, request_id)
-        quality = queries.mean_quality_of(session, request_id)
-        return {
-            "id": request.id,
-            "status": request.status.value,
-            "failure_reason": request.failure_reason,
-            "created_at": request.created_at.isoformat(),
-            "updated_at": request.updated_at.isoformat(),
-            "decision": None
-            if decision is None
-            else {
-                "tier": decision.tier,
-                "wanted_tier": decision.wanted_tier,
-                "explored": decision.explored,
-                "predicted_quality": decision.predicted_quality,
-                "tradeoff": decision.tradeoff,
-                "spent": decision.spent,
-                "router_version": decision.router_version,
-                "budget_reason": decision.budget_reason,
-                "rerouted_from": decision.rerouted_from,
-                "reroute_reason": decision.reroute_reason,
-                "escalations": decision.escalations,
-            },
-            "steps": [
-                {
-                    "step": step.step,
-                    "status": step.status.value,
-                    "sends": step.sends,
-                    "failures": step.failures,
-                    "last_error": step.last_error,
-                }
-                for step in queries.steps_of(session, request_id)
-            ],
-            "images": {g.tier: g.image_path for g in generations},
-            "quality": quality,
-        }
+        return request_view(session, request).model_dump(mode="json")

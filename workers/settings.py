@@ -6,7 +6,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from workers.pool import Pool, PoolError, TierSpec, parse_tiers, read_tiers_file
@@ -22,6 +22,12 @@ class Settings(BaseSettings):
         hide_input_in_errors=True,
     )
 
+    # The installation's folder: every relative path below (the stores, the broker folder,
+    # the tiers file, local model folders, the tiers' models) is resolved against it once,
+    # when the settings are read, so that every process of an installation finds the same
+    # files whatever its working directory. Unset: the working directory of the process.
+    home: Path = Field(default_factory=Path.cwd)
+
     # Servers. The defaults are the local services of a development machine.
     # URLs carry credentials: left out of the settings' repr, so a log of them shows none.
     database_url: str = Field(
@@ -35,17 +41,17 @@ class Settings(BaseSettings):
     redis_url: str = Field(default="redis://127.0.0.1:6379/1", repr=False)
 
     # Storage.
-    image_store: Path = Path("var/images")
-    model_store: Path = Path("var/routers")
+    image_store: Path = Field(default=Path("var/images"), validate_default=True)
+    model_store: Path = Field(default=Path("var/routers"), validate_default=True)
 
     # The pool of tiers (workers/pool.py): a JSON list in T2IROUTE_TIERS, or a TOML file of
     # [[tiers]] tables. Without either, the two tiers edge and cloud from the settings below.
     tiers: list[dict[str, Any]] | None = None
     tiers_file: Path | None = None
     # The default two-tier pool: a local directory or a hub id, loaded with from_pretrained.
-    edge_model: str = "var/models/edge"
-    cloud_model: str = "var/models/cloud"
-    clip_model: str = "var/models/clip"
+    edge_model: str = Field(default="var/models/edge", validate_default=True)
+    cloud_model: str = Field(default="var/models/cloud", validate_default=True)
+    clip_model: str = Field(default="var/models/clip", validate_default=True)
     model_revision: str | None = None
     device: str = "cpu"
     torch_dtype: str = "float32"
@@ -68,6 +74,11 @@ class Settings(BaseSettings):
     cloud_rate_burst: float = Field(default=10.0, ge=1.0)
     exploration_rate: float = Field(default=0.05, ge=0.0, le=1.0)
     exploration_burst: float = Field(default=2.0, ge=1.0)
+    # Which requests an exploration token is offered to (workers/exploration.py): every one
+    # ("uniform"), or mostly those nearest the decision boundary ("margin"), with this share
+    # of the tokens still drawn uniformly for the promotion gate's unbiased estimate.
+    exploration_strategy: Literal["uniform", "margin"] = "uniform"
+    exploration_uniform_share: float = Field(default=0.5, gt=0.0, le=1.0)
     # Cost per image in the operator's unit; the budget bounds the spend above the edge's.
     edge_cost: float = Field(default=1.0, ge=0.0)
     cloud_cost: float = Field(default=10.0, ge=0.0)
@@ -117,6 +128,13 @@ class Settings(BaseSettings):
     tier_cooldown_seconds: float = Field(default=60.0, gt=0.0)
     retrain_interval_seconds: float = 3600.0
     retrain_min_pairs: int = Field(default=50, ge=4)
+    # The promotion gate (workers/retrain.py): a candidate must beat the cold-start policy
+    # on held-out labels by this many standard errors (paired bootstrap), and the serving
+    # router by any margin.
+    gate_min_z: float = Field(default=1.0, ge=0.0)
+    # A retraining run is killed past this (Celery's hard limit; the soft one 30 s before),
+    # and holds a Redis lock that expires with it, so a dead holder blocks no later run.
+    retrain_time_limit: int = Field(default=1800, ge=60)
     worker_max_memory_per_child_kb: int | None = None
 
     # Performance. Torch's intra-op threads per worker process; unset, the cores this
@@ -137,6 +155,49 @@ class Settings(BaseSettings):
 
     # Flower.
     flower_basic_auth: str | None = Field(default=None, repr=False)
+
+    # Prometheus (workers/metrics.py). A worker serves its metrics on this port when it is
+    # set (``t2iroute worker --metrics-port``), on this address; its pool's processes keep
+    # their values in a folder of their own (a fresh temporary one when unset), emptied at
+    # start. The API serves /metrics itself; its request counts by state read the last
+    # ``metrics_window`` routing decisions.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+    metrics_dir: Path | None = None
+    metrics_window: int = Field(default=1000, ge=1, le=10_000)
+
+    # Callbacks (workers/callbacks.py). A request made with an API key is signed with that
+    # key's secret; one made without, with this server secret (none: such callbacks fail).
+    callback_secret: str | None = Field(default=None, repr=False)
+    # The whole exchange with a receiver (connect, send, the status line) must fit this.
+    callback_timeout_seconds: float = Field(default=5.0, gt=0.0, le=60.0)
+    callback_max_attempts: int = Field(default=8, ge=1, le=100)
+    # Attempt n+1 waits about BACKOFF * 2**(n-1) seconds after attempt n (jittered), at most
+    # BACKOFF_MAX.
+    callback_backoff_seconds: float = Field(default=2.0, gt=0.0)
+    callback_backoff_max_seconds: float = Field(default=600.0, gt=0.0)
+
+    # HTTP API. API keys: "auto" requires them wherever the API listens off loopback (as
+    # Flower requires basic auth), and wherever the address is unknown (the app run by
+    # uvicorn itself); "required" and "off" say so whatever the address.
+    api_auth: Literal["auto", "required", "off"] = "auto"
+    # The largest metadata object a request may carry, as compact UTF-8 JSON.
+    max_metadata_bytes: int = Field(default=4096, ge=2, le=1_000_000)
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        return home.expanduser().resolve()
+
+    @field_validator("image_store", "model_store", "broker_folder", "tiers_file", "metrics_dir")
+    @classmethod
+    def _path_under_home(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _home(info) / path.expanduser()
+
+    @field_validator("edge_model", "cloud_model", "clip_model", "router_encoder")
+    @classmethod
+    def _model_under_home(cls, model: str | None, info: ValidationInfo) -> str | None:
+        return None if model is None else resolve_model(model, _home(info))
 
     @model_validator(mode="after")
     def _limits_are_ordered(self) -> Settings:
@@ -172,6 +233,8 @@ class Settings(BaseSettings):
                     queue=self.queue_cloud,
                 ),
             ]
+        # A tier's model, like every model setting, is a folder under home or a hub id.
+        tiers = [t.model_copy(update={"model": resolve_model(t.model, self.home)}) for t in tiers]
         reserved = (self.queue_route, self.queue_quality, self.queue_maintenance)
         return Pool(tiers, reserved_queues=reserved)
 
@@ -193,6 +256,30 @@ class Settings(BaseSettings):
             "quality": self.queue_quality,
             "maintenance": self.queue_maintenance,
         }
+
+
+def _home(info: ValidationInfo) -> Path:
+    """The home folder validated before the field at hand (declared first for that reason);
+    the working directory if home itself was refused, so that only its own error shows."""
+    home = info.data.get("home")
+    return home if isinstance(home, Path) else Path.cwd()
+
+
+def resolve_model(path_or_id: str, home: Path) -> str:
+    """A model setting as an absolute folder, or a hub id as it is.
+
+    A relative path is a folder under ``home`` when it exists there or cannot be a hub id:
+    it starts with ``.``, or has more than one ``/`` (``namespace/name`` is the hub's form).
+    Otherwise it is left to ``from_pretrained`` as a hub id. This is the rule the model
+    loaders apply (workers/pipelines.py), so after it every local model is absolute and a
+    missing one can be found before any request needs it."""
+    path = Path(path_or_id).expanduser()
+    if path.is_absolute():
+        return str(path)
+    hub_id = not path_or_id.startswith(".") and path_or_id.count("/") <= 1
+    if hub_id and not (home / path).exists():
+        return path_or_id
+    return str((home / path).resolve())
 
 
 @lru_cache(maxsize=1)

@@ -25,7 +25,7 @@ from db.models import (
 )
 from routing.metrics import METRIC_NAMES, METRICS_VERSION
 from routing.quality import ContrastiveQualityScorer
-from workers import flow
+from workers import flow, metrics
 from workers.budget import BudgetKeeper
 from workers.flow import Step
 from workers.images import ImageStore
@@ -36,13 +36,17 @@ log = logging.getLogger(__name__)
 
 
 class RequestGone(LookupError):
-    """The request does not exist, has failed, or no longer needs this step: the message
-    has nothing to do."""
+    """The request does not exist, has failed or was cancelled, or no longer needs this
+    step: the message has nothing to do."""
+
+
+#: A request in these states has nothing more to do.
+GONE = (Status.FAILED, Status.CANCELLED)
 
 
 def _request(session: Session, request_id: str) -> GenerationRequest:
     request = queries.get_request(session, request_id)
-    if request is None or request.status is Status.FAILED:
+    if request is None or request.status in GONE:
         raise RequestGone(request_id)
     return request
 
@@ -66,12 +70,13 @@ def _or_raise(outcome: T | RequestGone) -> T:
 def _live(
     requests: Mapping[str, GenerationRequest], request_ids: Sequence[str]
 ) -> tuple[list[str], dict[str, Outcome]]:
-    """The ids whose request exists and has not failed, and the gone ones' outcomes."""
+    """The ids whose request exists and has neither failed nor been cancelled, and the gone
+    ones' outcomes."""
     gone: dict[str, Outcome] = {}
     live = []
     for rid in dict.fromkeys(request_ids):
         request = requests.get(rid)
-        if request is None or request.status is Status.FAILED:
+        if request is None or request.status in GONE:
             gone[rid] = RequestGone(rid)
         else:
             live.append(rid)
@@ -156,10 +161,11 @@ def route_requests(
         down = queries.unavailable_tiers(session)
         rankings = [rank_tiers(p.quality, pool, tradeoff) for p in predictions]
         offered = [[t for t in ranking if t not in down] or ranking for ranking in rankings]
+        explore = router.explore(new, predictions)
         grants = budget.decide_many(
             [
-                (rid, available, _exploration(rid, pool, available))
-                for rid, available in zip(new, offered, strict=True)
+                (rid, available, _exploration(rid, pool, available) if candidate else [])
+                for rid, available, candidate in zip(new, offered, explore, strict=True)
             ]
         )
         rows = []
@@ -187,15 +193,23 @@ def route_requests(
                 }
             )
             wanted[rid] = queries.tiers_wanted(granted.tier, explored)
+        metrics.record_decisions(rows)
         if queries.insert_ignore_many(session, RoutingDecision, rows) < len(rows):
             # Another worker decided some of them first: theirs stand.
             for rid, decision in queries.get_decisions(session, new).items():
                 wanted[rid] = queries.wanted_tiers(decision)
-    queries.transition_many(session, live, from_status=Status.QUEUED, to_status=Status.ROUTED)
-    handed = _hand_on_many(
-        session, {(rid, flow.ROUTE): [flow.generate(t) for t in wanted[rid]] for rid in live}
+    moved = queries.transition_many(
+        session, live, from_status=Status.QUEUED, to_status=Status.ROUTED
     )
-    outcomes.update({rid: handed[(rid, flow.ROUTE)] for rid in live})
+    # A queued request that did not move was cancelled while it was routed (the cancel holds
+    # its row; db.queries.cancel) or routed by another delivery, which hands it on: either
+    # way nothing follows from here. Its decision stays, as the budget was drawn for it.
+    routed = [rid for rid in live if rid in moved or requests[rid].status is Status.ROUTED]
+    outcomes.update({rid: RequestGone(rid) for rid in live if rid not in routed})
+    handed = _hand_on_many(
+        session, {(rid, flow.ROUTE): [flow.generate(t) for t in wanted[rid]] for rid in routed}
+    )
+    outcomes.update({rid: handed[(rid, flow.ROUTE)] for rid in routed})
     return outcomes
 
 
@@ -258,6 +272,7 @@ def complete_generations(
         if image is not None
     ]
     queries.insert_ignore_many(session, Generation, rows)
+    metrics.observe_generations(rows)
     for tier in sorted({tier for (_, tier), image in images.items() if image is not None}):
         queries.record_tier_success(session, tier)
     handed = _hand_on_many(
@@ -325,6 +340,7 @@ def score_images(
                 }
             )
         queries.insert_ignore_many(session, QualityScore, rows)
+        metrics.observe_quality(rows)
         # Read back: a score another worker wrote first is the one that stands.
         scored = queries.scored_tiers_many(session, live, version)
     # Locked, so that a reroute (which moves the answer to another tier) and these scores

@@ -26,8 +26,15 @@ from typer.testing import CliRunner
 from db.models import GenerationRequest
 from db.session import session_scope
 from workers import cli
-from workers.api import app
-from workers.producer import MAX_KEY_CHARS, MAX_SEED, InvalidRequest, submit
+from workers.api import create_app
+from workers.producer import (
+    MAX_KEY_CHARS,
+    MAX_METADATA_DEPTH,
+    MAX_SEED,
+    MAX_URL_CHARS,
+    InvalidRequest,
+    submit,
+)
 from workers.settings import Settings, get_settings
 
 pytestmark = pytest.mark.integration
@@ -102,10 +109,42 @@ NO_SURROGATE = Absent("argv and header bytes never decode to a surrogate outside
 HEADER_GRAMMAR = Absent("an HTTP field value holds no control character and no surrounding space")
 PYTHON_ONLY_TYPES = Absent("the command line has only strings and typed options")
 HTTP_ONLY = Absent("only an HTTP request can have this form")
+NO_CLI_OPTION = Absent("the submit command takes no callback URL or metadata option")
+#: The API with keys not required: what is checked here is validation, alike everywhere.
+APP = create_app(require_keys=False)
 
 
 def _invalid(field_name: str, why: str) -> str:
     return f"invalid request: {field_name}: {why}"
+
+
+def _url(url: object, message: str | None = None, **channels: Any) -> Case:
+    """A row with this callback URL, refused with ``message`` (None: accepted)."""
+    return Case(
+        f"callback URL {url!a}"[:60],
+        options={"callback_url": url},
+        message=None if message is None else _invalid("callback_url", message),
+        cli=NO_CLI_OPTION,
+        **channels,
+    )
+
+
+def _metadata(name: str, metadata: object, message: str | None = None, **channels: Any) -> Case:
+    """A row with this metadata, refused with ``message`` (None: accepted)."""
+    return Case(
+        name,
+        options={"metadata": metadata},
+        message=None if message is None else _invalid("metadata", message),
+        cli=NO_CLI_OPTION,
+        **channels,
+    )
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
 
 
 def _too_long(chars: int) -> str:
@@ -389,6 +428,69 @@ HOSTILE = [
         RawHttp(OK, headers=((b"Idempotency-Key", b"a"), (b"Idempotency-Key", b"b"))),
         _invalid("idempotency_key", "the Idempotency-Key header is given more than once"),
     ),
+    # Callback URLs.
+    _url("ftp://hooks.example.com/t2i", "must be an http or https URL"),
+    _url("javascript:alert(1)", "must be an http or https URL"),
+    _url("hooks.example.com/t2i", "must be an http or https URL"),
+    _url("http:///t2i", "must name a host"),
+    _url(
+        "https://user:secret@hooks.example.com/",
+        "must not carry credentials (callbacks are signed instead)",
+    ),
+    _url("http://hooks.example.com:99999/", "is not a URL: Port out of range 0-65535"),
+    _url("http://[::1/", "is not a URL: Invalid IPv6 URL"),
+    _url(
+        "https://hooks.exämple.com/",
+        "must be printable ASCII without spaces (percent-encode the rest)",
+    ),
+    _url(
+        "https://hooks.example.com/a b",
+        "must be printable ASCII without spaces (percent-encode the rest)",
+    ),
+    _url(
+        "https://hooks.example.com/\nX-Injected: 1",
+        "must be printable ASCII without spaces (percent-encode the rest)",
+    ),
+    _url(
+        "https://hooks.example.com/" + "a" * MAX_URL_CHARS,
+        f"must have 1 to {MAX_URL_CHARS} characters",
+    ),
+    _url("", f"must have 1 to {MAX_URL_CHARS} characters"),
+    _url("https://hooks.example.com/\udcff", "must be valid UTF-8 text"),
+    _url(17, "Input should be a valid string"),
+    # Metadata.
+    _metadata("metadata list", ["a", "b"], "must be a JSON object"),
+    _metadata("metadata string", '{"a": 1}', "must be a JSON object"),
+    _metadata("metadata NaN", {"score": float("nan")}, "holds a number that is not finite"),
+    _metadata(
+        "metadata too large",
+        {"blob": "x" * LIMITS.max_metadata_bytes},
+        f"has {LIMITS.max_metadata_bytes + 11} bytes as JSON; "
+        f"the limit is {LIMITS.max_metadata_bytes}",
+    ),
+    _metadata(
+        "metadata too deep",
+        _nested(MAX_METADATA_DEPTH + 1),
+        f"is nested more than {MAX_METADATA_DEPTH} deep",
+    ),
+    _metadata(
+        "metadata lone surrogate",
+        {"note": "a \ud800 b"},
+        "holds text that is not valid UTF-8",
+        json_escapes=True,
+    ),
+    _metadata(
+        "metadata number name",
+        {1: "a"},
+        "has a name that is not text",
+        http=Absent("a JSON object's names are text"),
+    ),
+    _metadata(
+        "metadata tuple",
+        {"pair": (1, 2)},
+        "holds a tuple, which is no JSON value",
+        http=Absent("JSON has arrays, not tuples"),
+    ),
     # Several faults at once: every one is named, in the same order everywhere.
     Case(
         "several faults",
@@ -421,6 +523,11 @@ VALID = [
     Case("zero seed and guidance", options={"seed": 0, "guidance_scale": 0.0}),
     Case("non-ASCII key", options={"idempotency_key": "clé-1"}),
     Case("key of another script", options={"idempotency_key": "注文-17"}),
+    _url("https://hooks.example.com:8443/t2i?team=7&x=%C3%A9#frag"),
+    _url("http://127.0.0.1:9000/hook"),
+    _metadata("metadata nested", {"order": {"id": "A-17", "lines": [1, 2.5, True, None]}}),
+    _metadata("metadata of another script", {"注文": "é ☕"}),
+    _metadata("metadata at the depth limit", _nested(MAX_METADATA_DEPTH)),
 ]
 
 
@@ -469,7 +576,7 @@ async def _post(raw: RawHttp) -> httpx.Response:
     # httpx's ASGI transport hands the header bytes over as they are (Starlette's TestClient
     # re-encodes them); a chunked body states no Content-Length.
     content = _chunks(raw.body) if raw.chunked else raw.body
-    transport = httpx.ASGITransport(app=app)
+    transport = httpx.ASGITransport(app=APP)
     async with httpx.AsyncClient(transport=transport, base_url="http://t2iroute.test") as client:
         return await client.post("/v1/requests", content=content, headers=headers)
 
