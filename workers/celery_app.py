@@ -12,6 +12,7 @@ from celery.signals import (
     task_prerun,
     worker_init,
     worker_process_init,
+    worker_process_shutdown,
     worker_ready,
 )
 
@@ -27,6 +28,7 @@ TASK_GENERATE = "t2iroute.generate"
 TASK_SCORE = "t2iroute.score"
 TASK_SWEEP = "t2iroute.sweep"
 TASK_RETRAIN = "t2iroute.retrain"
+TASK_CALLBACK = "t2iroute.callback"
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
@@ -114,6 +116,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 TASK_SCORE: {"queue": settings.queue_quality},
                 TASK_SWEEP: {"queue": settings.queue_maintenance},
                 TASK_RETRAIN: {"queue": settings.queue_maintenance},
+                TASK_CALLBACK: {"queue": settings.queue_maintenance},
             },
             GenerationRoute(settings.pool),
         ),
@@ -159,6 +162,15 @@ def _after_fork(**_: Any) -> None:
     # Pooled database connections inherited from the parent are not fork-safe.
     dispose_engines()
     apply_threads(get_settings().torch_threads, _pool_processes)
+
+
+@worker_process_shutdown.connect
+def _forget_exited_child(pid: int, **_: Any) -> None:
+    # Imported here: prometheus-client picks its mode when first imported (workers/metrics.py),
+    # which importing the app must not do.
+    from workers.metrics import process_exited
+
+    process_exited(pid)
 
 
 @worker_ready.connect

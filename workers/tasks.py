@@ -24,9 +24,10 @@ from db import queries
 from db.models import GenerationRequest
 from db.queries import StepStart
 from db.session import session_scope
-from workers import flow, stages
+from workers import callbacks, flow, metrics, stages
 from workers.batching import BatchTask, Delivery
 from workers.celery_app import (
+    TASK_CALLBACK,
     TASK_GENERATE,
     TASK_RETRAIN,
     TASK_ROUTE,
@@ -127,6 +128,7 @@ def run_steps(task: Task, deliveries: Sequence[Delivery], work: Work) -> None:
                 if start.failures >= settings.max_attempts:
                     reason = f"{step.key}: a worker died holding it {start.failures} times"
                     sends += flow.sends_for(request_id, _give_up(session, request_id, step, reason))
+                    metrics.record_give_up(step, "worker_died")
                     del started[(request_id, step)]
         _send(sends)
     except TRANSIENT_ERRORS as exc:
@@ -214,6 +216,7 @@ def _retry(
     re-sends them once the services are back."""
     log.warning("%s: %s; retrying %d deliveries", task.name, exc, len(deliveries))
     for delivery in deliveries:
+        metrics.record_retry(_step_of(task, delivery, settings.pool), exc)
         delay = transient_backoff(delivery.retries, settings)
         if delay is None:
             log.error("%s: left to the sweeper after retries: %s", delivery.task_id, exc)
@@ -232,6 +235,7 @@ def _failed_attempt(
     request_id, step = key
     error = f"{step.key}: {type(exc).__name__}: {exc}"
     log.error("%s of %s failed", step.key, request_id, exc_info=exc)
+    metrics.record_failure(step, exc)
     try:
         with session_scope(settings.database_url) as session:
             failures = queries.fail_attempt(session, request_id, step.key, error)
@@ -256,6 +260,7 @@ def _failed_attempt(
             if failures >= settings.max_attempts:
                 reason = f"{error} (gave up after {failures} failed attempts)"
                 sends = flow.sends_for(request_id, _give_up(session, request_id, step, reason))
+                metrics.record_give_up(step, "failed_attempts")
             else:
                 sends = []
     except TRANSIENT_ERRORS as outage:
@@ -277,7 +282,7 @@ def escalation() -> stages.Escalation | None:
 
 def _route(keys: list[StepKey]) -> dict[StepKey, stages.Outcome]:
     settings = get_settings()
-    with session_scope(settings.database_url) as session:
+    with metrics.decision_timer(len(keys)), session_scope(settings.database_url) as session:
         outcomes = stages.route_requests(
             session, [rid for rid, _ in keys], router_service(), budget_keeper(), settings.pool
         )
@@ -400,13 +405,14 @@ def score(self: Task, deliveries: list[Delivery]) -> None:
 
 @app.task(name=TASK_SWEEP)
 def sweep() -> int:
-    """Re-send the steps whose messages are lost; returns how many were sent."""
+    """Re-send the steps whose messages are lost, and the overdue callbacks; returns how many
+    steps were sent."""
     from workers.sweeper import read_broker
     from workers.sweeper import sweep as sweep_lost
 
     settings = get_settings()
     with session_scope(settings.database_url) as session:
-        resends, _ = sweep_lost(
+        resends, gave_up = sweep_lost(
             session,
             settings,
             lambda: read_broker(app, settings.queues.values()),
@@ -414,11 +420,38 @@ def sweep() -> int:
             settings.pool,
         )
     _send(resends)
+    metrics.record_sweep(resends, gave_up)
+    callbacks.resend_overdue(settings)
     return len(resends)
 
 
-@app.task(name=TASK_RETRAIN)
-def retrain() -> dict[str, Any]:
-    from workers.retrain import retrain_router
+@app.task(
+    name=TASK_CALLBACK,
+    bind=True,
+    autoretry_for=TRANSIENT_ERRORS,
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=5,
+)
+def callback(self: Task, request_id: str) -> str | None:
+    """Make the next attempt of a request's callback; its delivery's state after it."""
+    state = callbacks.deliver(request_id, get_settings(), worker=self.request.hostname)
+    return None if state is None else state.value
 
-    return retrain_router(get_settings()).as_dict()
+
+@app.task(
+    name=TASK_RETRAIN,
+    time_limit=get_settings().retrain_time_limit,
+    soft_time_limit=get_settings().retrain_time_limit - 30,
+)
+def retrain() -> dict[str, Any]:
+    """Train, gate and maybe promote a router; one run at a time across all workers (two
+    beat ticks, or a tick and ``t2iroute retrain``, never train twice at once)."""
+    from workers.retrain import retrain_lock, retrain_router
+
+    settings = get_settings()
+    with retrain_lock(settings) as held:
+        if not held:
+            log.info("retraining skipped: another run holds the lock")
+            return {"status": "skipped", "reason": "another retraining run holds the lock"}
+        return retrain_router(settings).as_dict()
