@@ -5,6 +5,7 @@ version is promoted) and its clients (the budget keeper, the image store)."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from routing.policy import calibrate_lambda
 from routing.quality import ContrastiveQualityScorer
 from routing.registry import build_router, load_router
 from routing.types import PoolRouter, Router
+from workers import exploration
 from workers.budget import BudgetKeeper, BudgetLimits, budget_keeper_from_settings
 from workers.images import ImageStore
 from workers.pipelines import load_clip, load_pipeline
@@ -32,6 +34,19 @@ log = logging.getLogger(__name__)
 # neutral threshold alpha = 1/2 of two tiers) and let the budget keeper hold the spend.
 MIN_CALIBRATION_SAMPLE = 20
 NEUTRAL_TRADEOFF = 0.0
+
+
+def answer_budget(settings: Settings) -> float:
+    """The spend per request above the cheapest tier that the answers may use: the budget
+    less what exploration is expected to take (its rate times the mean extra cost of an
+    exploration sample, ``stages._exploration``: the cheapest tier and one other). The
+    trade-off is calibrated to this, so that answers and exploration together meet the
+    budget and the keeper's refusals stay the exception, not the way the budget is kept."""
+    budget = BudgetLimits.from_settings(settings).budget_per_request
+    pool = settings.pool
+    extra = [t.cost - pool.cheapest.cost for t in pool if t.name != pool.cheapest.name]
+    exploring = settings.exploration_rate * (float(np.mean(extra)) if extra else 0.0)
+    return max(0.0, budget - exploring)
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,50 @@ def _scorer(model: str, device: str, revision: str | None) -> ContrastiveQuality
     return ContrastiveQualityScorer(clip, processor, device=device)
 
 
+@dataclass(frozen=True)
+class MissingModel:
+    """A model a worker would load that is not where its setting points."""
+
+    #: What needs it ("tier edge", "quality metrics (CLIP)"), the folder, and the setting.
+    user: str
+    path: str
+    setting: str
+    #: The file every model of its kind holds (model_index.json for a diffusers pipeline).
+    marker: str
+
+
+def missing_models(settings: Settings, queues: Sequence[str]) -> list[MissingModel]:
+    """The models a worker consuming ``queues`` would load and cannot find: each tier whose
+    queue is among them, and CLIP for the quality queue.
+
+    Checked when the worker starts, so that a missing folder stops it with the reason instead
+    of failing every request sent to it. Only local folders are checked: the settings make
+    every local model path absolute (``resolve_model``), and what is left relative is a hub
+    id, which ``from_pretrained`` fetches."""
+    wanted = [
+        (f"tier {tier.name}", tier.model, _model_setting(settings, tier.name), "model_index.json")
+        for tier in settings.pool
+        if tier.queue_name in queues
+    ]
+    if settings.queue_quality in queues:
+        wanted.append(
+            ("quality metrics (CLIP)", settings.clip_model, "T2IROUTE_CLIP_MODEL", "config.json")
+        )
+    return [
+        MissingModel(user, path, setting, marker)
+        for user, path, setting, marker in wanted
+        if Path(path).is_absolute() and not (Path(path) / marker).is_file()
+    ]
+
+
+def _model_setting(settings: Settings, tier: str) -> str:
+    if settings.tiers_file is not None:
+        return f"the tier's model in {settings.tiers_file}"
+    if settings.tiers is not None:
+        return "the tier's model in T2IROUTE_TIERS"
+    return f"T2IROUTE_{tier.upper()}_MODEL"
+
+
 class RouterService:
     """The router a worker serves with. It looks for a newly promoted version at most every
     ``router_reload_seconds``, so workers pick up retrained routers without a restart."""
@@ -93,12 +152,13 @@ class RouterService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pool = settings.pool
-        self._budget = BudgetLimits.from_settings(settings).budget_per_request
+        self._budget = answer_budget(settings)
         self._router: Router | PoolRouter = build_router(settings.default_policy)
         self._version = f"baseline:{settings.default_policy}"
         self._checked_at = float("-inf")
         self._tradeoff = NEUTRAL_TRADEOFF
         self._tradeoff_at = float("-inf")
+        self._explore_below = math.inf
 
     @property
     def version(self) -> str:
@@ -109,11 +169,16 @@ class RouterService:
             return
         self._checked_at = time.monotonic()
         active = queries.active_router_version(session)
-        if active is None or active.version == self._version:
+        # No version active any more (a rollback past the first one): the default policy.
+        baseline = f"baseline:{self.settings.default_policy}"
+        if (active.version if active is not None else baseline) == self._version:
             return
-        log.info("loading router version %s from %s", active.version, active.path)
-        self._router = load_router(Path(active.path))
-        self._version = active.version
+        if active is None:
+            log.info("no router version is active: back to %s", baseline)
+            self._router, self._version = build_router(self.settings.default_policy), baseline
+        else:
+            log.info("loading router version %s from %s", active.version, active.path)
+            self._router, self._version = load_router(Path(active.path)), active.version
         self._tradeoff_at = float("-inf")
 
     def predict_many(self, prompts: Sequence[str]) -> list[Prediction]:
@@ -167,8 +232,30 @@ class RouterService:
                 if len(recent) >= MIN_CALIBRATION_SAMPLE
                 else NEUTRAL_TRADEOFF
             )
+            self._explore_below = exploration.margin_threshold(
+                exploration.margins(
+                    [dict(zip(names, row, strict=True)) for row in recent],
+                    self.pool,
+                    self._tradeoff,
+                ),
+                self.settings.exploration_rate,
+                self.settings.exploration_uniform_share,
+            )
             self._tradeoff_at = time.monotonic()
         return self._tradeoff
+
+    def explore(self, request_ids: Sequence[str], predictions: Sequence[Prediction]) -> list[bool]:
+        """Whether each request is offered an exploration token (workers/exploration.py),
+        at the trade-off of the last ``tradeoff`` call."""
+        settings = self.settings
+        return exploration.candidates(
+            request_ids,
+            exploration.margins([p.quality for p in predictions], self.pool, self._tradeoff),
+            strategy=settings.exploration_strategy,
+            exploration_rate=settings.exploration_rate,
+            share=settings.exploration_uniform_share,
+            threshold=self._explore_below,
+        )
 
 
 @lru_cache(maxsize=1)

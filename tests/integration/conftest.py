@@ -15,7 +15,7 @@ from workers.settings import Settings, get_settings
 
 TABLES = (
     "quality_scores, generations, routing_decisions, router_versions, "
-    "dispatches, tier_health, generation_requests"
+    "dispatches, tier_health, generation_requests, router_events"
 )
 
 
