@@ -13,16 +13,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from db import migrate, queries
+from db import migrate
 from db.session import session_scope
 from workers.pool import Pool
+from workers.report import BatchOutcome, batch_outcome, spend_table
 from workers.settings import Settings, get_settings
 
 SERVER_VARIABLES = ("T2IROUTE_DATABASE_URL", "T2IROUTE_BROKER_URL")
@@ -34,34 +38,43 @@ WORKER_GROUPS = (("route,quality,maintenance", "", "router"), ("", "*", "gpu"))
 class DemoSummary:
     mode: str
     workdir: Path
-    requests: int
+    prompts: list[str]
     seconds: float
-    report: queries.BatchReport
+    outcome: BatchOutcome
+    pool: Pool
+    image_store: Path
 
     def print(self, console: Console) -> None:
-        table = Table(title=f"t2iroute demo ({self.mode})")
-        table.add_column("what")
-        table.add_column("value", justify="right")
-        table.add_row("requests", str(self.requests))
-        report = self.report
-        table.add_row(
-            "done / failed / unfinished", f"{report.done} / {report.failed} / {report.unfinished}"
+        outcome = self.outcome
+        overview = Table(title=f"t2iroute demo ({self.mode})")
+        overview.add_column("what")
+        overview.add_column("value", justify="right")
+        overview.add_row("requests", str(len(self.prompts)))
+        overview.add_row(
+            "done / failed / unfinished",
+            f"{outcome.states.get('done', 0)} / {outcome.states.get('failed', 0)} / "
+            f"{outcome.unfinished}",
         )
-        answered = sum(report.answers.values()) or 1
-        for tier in sorted(set(report.answers) | set(report.generations)):
-            table.add_row(
-                f"{tier}: answers / images generated",
-                f"{report.answers.get(tier, 0) / answered:.0%} / {report.generations.get(tier, 0)}",
-            )
-        table.add_row("exploration samples (two or more tiers)", str(report.explored))
-        for tier, quality in sorted(report.mean_quality.items()):
-            table.add_row(f"mean quality, {tier}", f"{quality:.4f}")
-        table.add_row("images written", str(report.images))
-        table.add_row("wall time", f"{self.seconds:.1f} s")
-        table.add_row("files", str(self.workdir))
-        console.print(table)
-        for failure in report.failures:
-            console.print(f"[red]failed:[/red] {failure}")
+        overview.add_row("images written", str(sum(outcome.images.values())))
+        overview.add_row("of which exploration and escalation", str(outcome.extra_images))
+        overview.add_row("wall time", f"{self.seconds:.1f} s")
+        overview.add_row("files", str(self.workdir))
+        console.print(overview)
+        # Spend is what the tiers generated, explorations included, not the answers' shares.
+        console.print(spend_table("spend per tier", outcome, self.pool))
+        answers = Table(title=f"prompt -> tier -> image (in {self.image_store})")
+        answers.add_column("prompt", ratio=1, no_wrap=True, overflow="ellipsis")
+        answers.add_column("tier")
+        answers.add_column("image", no_wrap=True)
+        for text, request in zip(self.prompts, outcome.requests, strict=True):
+            # Text, not markup: a prompt or a failure may hold square brackets.
+            shown = request.image or request.failure_reason or request.status
+            answers.add_row(Text(text), request.tier or "-", Text(shown))
+        console.print(answers)
+        for request in outcome.requests:
+            if request.status == "failed":
+                reason = escape(str(request.failure_reason))
+                console.print(f"[red]failed:[/red] {request.request_id}: {reason}")
 
 
 def demo_prompts(path: Path | None) -> list[str]:
@@ -168,6 +181,10 @@ def _configure_process(env: dict[str, str]) -> Settings:
     return settings
 
 
+#: What the demo is doing, how far, out of how many: the progress bars of the command.
+Progress = Callable[[str, int, int], None]
+
+
 def run_demo(
     *,
     prompts: Path | None = None,
@@ -175,6 +192,7 @@ def run_demo(
     embedded: bool | None = None,
     three_tiers: bool = False,
     timeout: float = 300.0,
+    progress: Progress = lambda stage, done, total: None,
 ) -> DemoSummary:
     from workers.producer import submit
     from workers.tiny_models import make_tiny
@@ -189,18 +207,24 @@ def run_demo(
         settings.broker_folder.mkdir(parents=True, exist_ok=True)
     tiny = workdir / "models"
     if settings.edge_model == str(tiny / "edge") and not (tiny / "edge").exists():
+        progress("building tiny models", 0, 1)
         make_tiny(tiny)
+        progress("building tiny models", 1, 1)
     migrate.upgrade(settings.database_url)
 
     texts = demo_prompts(prompts)
     workers = _start_workers(workdir, settings.pool)
     try:
-        ids = [submit(text, seed=i).request_id for i, text in enumerate(texts)]
+        ids = []
+        for i, text in enumerate(texts):
+            ids.append(submit(text, seed=i).request_id)
+            progress("submitted", i + 1, len(texts))
         deadline = time.monotonic() + timeout
         while True:
             with session_scope(settings.database_url) as session:
-                report = queries.batch_report(session, ids)
-            if report.unfinished == 0 or time.monotonic() > deadline:
+                outcome = batch_outcome(session, ids)
+            progress("finished", len(ids) - outcome.unfinished, len(ids))
+            if outcome.unfinished == 0 or time.monotonic() > deadline:
                 break
             if any(w.poll() is not None for w in workers):
                 raise RuntimeError(f"a demo worker exited; see {workdir}/worker-*.log")
@@ -210,7 +234,9 @@ def run_demo(
     return DemoSummary(
         mode="embedded: SQLite, filesystem broker" if embedded else "servers",
         workdir=workdir,
-        requests=len(ids),
+        prompts=texts,
         seconds=time.monotonic() - started,
-        report=report,
+        outcome=outcome,
+        pool=settings.pool,
+        image_store=settings.image_store,
     )

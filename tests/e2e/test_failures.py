@@ -29,6 +29,15 @@ EXPLORE_ALL = {
 }
 
 
+def _unloadable_model(settings: Settings) -> str:
+    """A model folder a worker starts with (a missing one stops it: workers.runtime
+    .missing_models) and that cannot load: its model_index.json names no pipeline."""
+    folder = settings.model_store / "unloadable"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text("{}")
+    return str(folder)
+
+
 def test_a_broken_cloud_tier_fails_no_request_the_edge_can_serve(
     tiny_models: dict[str, Path],
     database: str,
@@ -39,7 +48,7 @@ def test_a_broken_cloud_tier_fails_no_request_the_edge_can_serve(
     """Every request is explored on both tiers and the cloud model cannot load: requests
     answered by the cloud move to the edge, the cloud's exploration is dropped, and all end
     done with no training pair."""
-    broken = {**EXPLORE_ALL, "T2IROUTE_CLOUD_MODEL": str(settings.model_store / "missing")}
+    broken = {**EXPLORE_ALL, "T2IROUTE_CLOUD_MODEL": _unloadable_model(settings)}
     with (
         celery_worker("route,quality", "router-explore", env=EXPLORE_ALL),
         celery_worker("edge,cloud", "gpu-broken", env=broken),
@@ -73,7 +82,7 @@ def test_a_request_no_tier_can_serve_ends_failed_with_the_reason(
     settings: Settings,
     clean_redis: redis.Redis,
 ) -> None:
-    missing = str(settings.model_store / "missing")
+    missing = _unloadable_model(settings)
     both_broken = {
         **EXPLORE_ALL,
         "T2IROUTE_EXPLORATION_RATE": "0",
