@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -26,6 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from routing.data import default_ratings_path
 from routing.evaluate import GAIN_TARGETS, Experiment, Summary
 from routing.experiments import (
     GENAI_COSTS,
@@ -39,8 +40,12 @@ from routing.experiments import (
     parse_pools,
     split_list,
 )
+from routing.learning_curve import DEFAULT_SIZES, LEARNING_PAIR_ROUTERS, LEARNING_POOL_ROUTERS
 from routing.registry import PAIR_ROUTERS, POOL_ROUTERS
 from routing.reports import fmt, write_reports
+
+if TYPE_CHECKING:
+    from workers.replay import ReplayConfig as ReplayConfigType
 
 eval_app = typer.Typer(
     help="Offline evaluation of routers (cross-validated).", no_args_is_help=True
@@ -78,6 +83,20 @@ ThreadsOption = Annotated[
 ]
 
 
+def ratings_file(data: Path | None) -> Path:
+    """The GenAI-Bench ratings file, or exit 2 with one line saying where to get it: the data
+    is never copied into the repository (routing/data.py)."""
+    path = data if data is not None else default_ratings_path()
+    if not path.is_file():
+        typer.echo(
+            f"no GenAI-Bench ratings at {path}: get genai_image.json from the root of the "
+            "public GitHub repository linzhiqiu/t2v_metrics and pass it with --data FILE",
+            err=True,
+        )
+        raise typer.Exit(2)
+    return path
+
+
 @eval_app.command("genai-bench")
 def genai_bench(
     pairs: Annotated[str, typer.Option(help="Comma-separated EDGE:CLOUD model pairs.")] = ",".join(
@@ -102,6 +121,7 @@ def genai_bench(
     encoder_layer: EncoderLayerOption = None,
 ) -> None:
     """GenAI-Bench human ratings (one score per image): every pair, plus the cross-pair runs."""
+    data = ratings_file(data)
     try:
         experiments = genai_bench_experiments(pairs, cross, data)
     except ValueError as exc:
@@ -180,6 +200,7 @@ def pool(
     )
     from routing.reports import write_pool_reports
 
+    data = ratings_file(data)
     torch.set_num_threads(threads)
     names = split_list(routers)
     try:
@@ -220,6 +241,109 @@ def pool(
             shown.add_row(s.router, fmt(s.at_reference, 3), match, best_point)
         console.print(shown)
     console.print(f"[green]{steps} fits in {wall:.0f} s; reports in {out}[/green]")
+
+
+@eval_app.command("learning-curve")
+def learning_curve(
+    pairs: Annotated[
+        str, typer.Option(help="Comma-separated EDGE:CLOUD model pairs; empty for none.")
+    ] = GENAI_PAIRS[0],
+    pools: Annotated[
+        str,
+        typer.Option(
+            help=f"Comma-separated pools: {', '.join(GENAI_POOLS)}, or NAME=MODEL+MODEL+...; "
+            "empty for none."
+        ),
+    ] = "three",
+    costs: Annotated[
+        str, typer.Option(help="MODEL=COST,... replacing entries of the relative cost table.")
+    ] = "",
+    sizes: Annotated[
+        str, typer.Option(help="Comma-separated numbers n of labelled training prompts.")
+    ] = ",".join(str(n) for n in DEFAULT_SIZES),
+    routers: Annotated[
+        str, typer.Option(help=f"Comma-separated pair routers; known: {', '.join(PAIR_ROUTERS)}.")
+    ] = ",".join(LEARNING_PAIR_ROUTERS),
+    pool_routers: Annotated[
+        str, typer.Option(help=f"Comma-separated pool routers; known: {', '.join(POOL_ROUTERS)}.")
+    ] = ",".join(LEARNING_POOL_ROUTERS),
+    cold_start: Annotated[
+        str, typer.Option(help="The policy every router is compared against, paired by seed.")
+    ] = "prompt_length",
+    seeds: Annotated[
+        int, typer.Option(min=2, help="Random draws of the training prompts per n.")
+    ] = 5,
+    data: Annotated[
+        Path | None, typer.Option(help="Ratings JSON; default ../shared/data beside the repo.")
+    ] = None,
+    out: OutOption = Path("reports/learning_curve"),
+    threads: ThreadsOption = 1,
+    encoder: EncoderOption = None,
+    encoder_layer: EncoderLayerOption = None,
+) -> None:
+    """Sample efficiency on GenAI-Bench: every router trained on n random prompts per seed and
+    scored on all the others (held-out APGR of pairs, quality at cost of pools); headline, the
+    smallest n from which on each beats the cold-start policy beyond noise."""
+    import torch
+
+    from routing.evaluate import router_factories
+    from routing.learning_curve import (
+        check_plan,
+        headlines,
+        pair_learning_curve,
+        pool_learning_curve,
+        summarise_curve,
+        write_learning_curve,
+    )
+    from routing.pool_evaluate import pool_router_factories
+
+    data = ratings_file(data)
+    torch.set_num_threads(threads)
+    pair_names, pool_names = split_list(routers), split_list(pool_routers)
+    try:
+        ns = sorted({int(n) for n in split_list(sizes)})
+        experiments = genai_bench_experiments(pairs, "", data) if split_list(pairs) else []
+        pooled = parse_pools(pools) if split_list(pools) else {}
+        pool_experiments = genai_bench_pool_experiments(pooled, parse_costs(costs), data)
+        if not experiments and not pool_experiments:
+            raise ValueError("no pair and no pool given")
+        for e in experiments:
+            check_plan(ns, len(e.test), pair_names, cold_start)
+        for p in pool_experiments:
+            check_plan(ns, len(p.table), pool_names, cold_start)
+        shared, routet2i_config = encodings(encoder, encoder_layer, [*pair_names, *pool_names])
+        pair_factories = (
+            router_factories(pair_names, shared, routet2i_config) if experiments else {}
+        )
+        pool_factories = (
+            pool_router_factories(pool_names, shared, routet2i_config) if pool_experiments else {}
+        )
+        if "bert_classifier" in pair_factories:
+            shared.top_layer.top_layer()  # it fine-tunes a BERT layer: fail now, not mid-run
+    except (ValueError, OSError, TypeError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    fits = len(experiments) * len(pair_factories) + len(pool_experiments) * len(pool_factories)
+    started = time.perf_counter()
+    with _progress(len(ns) * seeds * fits) as advance:
+        points = pair_learning_curve(experiments, pair_factories, ns, range(seeds), advance)
+        points += pool_learning_curve(pool_experiments, pool_factories, ns, range(seeds), advance)
+    wall = time.perf_counter() - started
+    names = [e.name for e in experiments] + [e.name for e in pool_experiments]
+    layer = routet2i_config.encoder_layer
+    record = _run_record(wall, seeds, 0, [], names, encoder, layer, threads)
+    run = {k: v for k, v in record.items() if k != "folds"}  # one held-out split per (seed, n)
+    run |= {"sizes": ns, "cold_start": cold_start}
+    run["routers"] = {"pair": list(pair_factories), "pool": list(pool_factories)}
+    run["costs"] = {
+        e.name: dict(zip(e.table.tiers, e.costs, strict=True)) for e in pool_experiments
+    }
+    write_learning_curve(out, points, run, cold_start)
+    means = {(s.kind, s.experiment, s.router, s.size): s for s in summarise_curve(points)}
+    for h in headlines(points, cold_start):
+        shown = " ".join(f"{means[(h.kind, h.experiment, h.router, n)].mean:.3f}" for n in ns)
+        first = "never" if h.size is None else f"from n={h.size}"
+        console.print(f"{h.kind} {h.experiment} {h.router}: {shown}; beats {cold_start}: {first}")
+    console.print(f"[green]{len(points)} fits in {wall:.0f} s; reports in {out}[/green]")
 
 
 @contextmanager
@@ -317,3 +441,123 @@ def _print_table(summaries: Sequence[Summary]) -> None:
             shares = (fmt(s.share_at[t], 2) for t in GAIN_TARGETS)
             shown.add_row(s.router, fmt(s.apgr, 3), fmt(s.delta_p50, 1), *shares)
         console.print(shown)
+
+
+@eval_app.command("replay")
+def replay(
+    models: Annotated[
+        str, typer.Option(help="Comma-separated GenAI-Bench models of the pool, cheapest first.")
+    ] = "SDXL_2_1,DALLE_3",
+    seeds: Annotated[str, typer.Option(help="Comma-separated stream seeds.")] = "0,1,2",
+    orders: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated stream orders: shuffle (by seed), length (short to long "
+            "prompts: drift), switch (plain prompts, then counting/negation/comparison ones)."
+        ),
+    ] = "shuffle",
+    strategies: Annotated[
+        str, typer.Option(help="Comma-separated exploration strategies: uniform, margin.")
+    ] = "uniform,margin",
+    static: Annotated[
+        str, typer.Option(help="Static policies replayed on the same streams and budget.")
+    ] = "random,prompt_length,noun_count",
+    cloud_ratio: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.3,
+    exploration_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.1,
+    cold_start: Annotated[str, typer.Option(help="The loop's default policy.")] = "prompt_length",
+    retrain_every: Annotated[int, typer.Option(min=1, help="Requests between beat ticks.")] = 100,
+    passes: Annotated[
+        int, typer.Option(min=1, help="Times the data set is streamed, each pass reordered.")
+    ] = 3,
+    retrain_min_pairs: Annotated[int, typer.Option(min=4)] = 100,
+    gate_min_z: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    window: Annotated[int, typer.Option(min=5, help="Requests per reporting window.")] = 100,
+    limit: Annotated[int | None, typer.Option(min=10, help="Only the first N prompts.")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Ratings JSON; default ../shared/data beside the repo.")
+    ] = None,
+    out: OutOption = Path("reports/replay"),
+    threads: ThreadsOption = 1,
+) -> None:
+    """Stream GenAI-Bench through the real learning loop (routing stage, budget keeper,
+    exploration, retraining, promotion gate, hot swap), in process on SQLite, beside static
+    policies at the same budget. Generation is replaced by recorded ratings: generating a
+    (prompt, tier) reveals that model's recorded human rating as its quality."""
+    import torch
+
+    from workers.replay import ReplayConfig, genai_bench_table, run_replay
+    from workers.replay_report import NOTE, markdown, plot, summarise_run, write_csv
+
+    torch.set_num_threads(threads)
+
+    path = data if data is not None else default_ratings_path()
+    if not path.exists():
+        console.print(
+            f"[red]no ratings file at {path}[/red]: get genai_image.json (GenAI-Bench's image "
+            "ratings) from the public repository linzhiqiu/t2v_metrics and pass it with --data"
+        )
+        raise typer.Exit(2)
+    chosen = split_list(models)
+    try:
+        table = genai_bench_table(chosen, path)
+    except (ValueError, KeyError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    base = ReplayConfig(
+        models=tuple(chosen),
+        cloud_ratio=cloud_ratio,
+        exploration_rate=exploration_rate,
+        default_policy=cold_start,
+        retrain_every=retrain_every,
+        retrain_min_pairs=retrain_min_pairs,
+        gate_min_z=gate_min_z,
+        passes=passes,
+        limit=limit,
+    )
+    configs = [
+        variant
+        for order in split_list(orders)
+        for seed in (int(s) for s in split_list(seeds))
+        for variant in (
+            *(
+                _with(base, order=order, seed=seed, exploration_strategy=s)
+                for s in split_list(strategies)
+            ),
+            *(_with(base, order=order, seed=seed).static(p) for p in split_list(static)),
+        )
+    ]
+    console.print(NOTE)
+    started = time.perf_counter()
+    runs = []
+    with _progress(len(configs)) as advance:
+        for config in configs:
+            runs.append(run_replay(config, table))
+            advance(f"{config.name} {config.order} seed {config.seed}")
+    wall = time.perf_counter() - started
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(runs, window, out)
+    summaries = [summarise_run(run, window) for run in runs]
+    command = shlex.join(["t2iroute", "eval", *sys.argv[sys.argv.index("eval") + 1 :]])
+    report = markdown(summaries, command if "eval" in sys.argv else "t2iroute eval replay")
+    (out / "replay.md").write_text(report + f"\nWall time {wall:.0f} s.\n")
+    plot(runs, window, out / "replay.png")
+    shown = Table(title="replay (means over seeds)")
+    for column in ("order", "policy", "quality", "spend", "extra/budget", "refusals", "labels"):
+        shown.add_column(column)
+    for key in dict.fromkeys((s.order, s.policy) for s in summaries):
+        group = [s for s in summaries if (s.order, s.policy) == key]
+        shown.add_row(
+            *key,
+            f"{sum(s.quality for s in group) / len(group):.3f}",
+            f"{sum(s.spend for s in group) / len(group):.2f}",
+            f"{sum(s.budget_use for s in group) / len(group):.2f}",
+            f"{sum(s.keeper_refusals for s in group) / len(group):.3f}",
+            f"{sum(s.labels for s in group) / len(group):.0f}",
+        )
+    console.print(shown)
+    console.print(f"[green]{len(runs)} replays in {wall:.0f} s; reports in {out}[/green]")
+
+
+def _with(config: ReplayConfigType, **changes: object) -> ReplayConfigType:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
