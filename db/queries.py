@@ -415,6 +415,16 @@ def recent_predictions(
     return list(rows)
 
 
+def recent_spend(session: Session, window: int) -> tuple[int, float]:
+    """How many of the last ``window`` decisions there are and their mean spend above the
+    cheapest tier (explorations included), newest first by primary key."""
+    last = (
+        select(RoutingDecision.spent).order_by(RoutingDecision.id.desc()).limit(window).subquery()
+    )
+    count, mean = session.execute(select(func.count(), func.avg(last.c.spent))).one()
+    return int(count), float(mean or 0.0)
+
+
 def active_router_version(session: Session) -> RouterVersion | None:
     return session.scalar(select(RouterVersion).where(RouterVersion.is_active.is_(True)))
 

@@ -57,15 +57,18 @@ class ReplayConfig:
 
     models: tuple[str, ...] = ("SDXL_2_1", "DALLE_3")
     cloud_ratio: float = 0.3
-    exploration_rate: float = 0.2
+    exploration_rate: float = 0.1
     exploration_strategy: str = "uniform"
     exploration_uniform_share: float = 0.5
     default_policy: str = "prompt_length"
-    retrain_every: int = 50
-    retrain_min_pairs: int = 50
+    retrain_every: int = 100
+    retrain_min_pairs: int = 100
     gate_min_z: float = 1.0
     learn: bool = True
     order: str = "shuffle"
+    #: The data set streamed this many times, each pass in its own order: a data set of a
+    #: few hundred prompts is a short stream for a loop that needs a hundred labels.
+    passes: int = 3
     seed: int = 0
     batch: int = 16
     limit: int | None = None
@@ -209,7 +212,12 @@ def run_replay(
     costs = np.array([t.cost for t in pool])
     router = RouterService(settings)
     keeper = budget_keeper_from_settings(settings)
-    order = stream_order(table.prompts, config.order, config.seed)
+    order = np.concatenate(
+        [
+            stream_order(table.prompts, config.order, config.seed * 1000 + p)
+            for p in range(config.passes)
+        ]
+    )
     if config.limit is not None:
         order = order[: config.limit]
     rng = np.random.default_rng(config.seed)
@@ -281,7 +289,8 @@ def run_replay(
         since_tick += len(batch)
         if config.learn and since_tick >= config.retrain_every:
             since_tick = 0
-            run.retrainings.append(_tick(settings, table, order, batch[-1] + 1, column, config))
+            labelled = {int(order[j]) for j in range(batch[-1] + 1) if run.explored[j]}
+            run.retrainings.append(_tick(settings, table, labelled, batch[-1] + 1, column, config))
         if on_batch is not None:
             on_batch(len(batch))
     run.database = _read_back(settings)
@@ -292,14 +301,16 @@ def run_replay(
 def _tick(
     settings: Settings,
     table: PoolTable,
-    order: np.ndarray,
+    labelled: set[int],
     seen: int,
     column: dict[str, int],
     config: ReplayConfig,
 ) -> Retraining:
+    """A beat tick: retrain, then score the serving router on every prompt of the data set
+    that no label has come from yet (none of its versions was trained on them)."""
     result = retrain_router(settings, seed=config.seed, source=RATINGS, actor="replay")
     serving, router = _serving_router(settings)
-    unseen = order[seen:]
+    unseen = np.array(sorted(set(range(len(table.prompts))) - labelled), dtype=np.int64)
     apgr = float("nan")
     if len(unseen) >= 20:
         cheap, dear = (column[tier_name(m)] for m in (config.models[0], config.models[-1]))

@@ -138,7 +138,7 @@ def markdown(summaries: Sequence[RunSummary], command: str) -> str:
         "",
         "| order | policy | served quality | spend / request | extra spend / budget | "
         "tracking error | keeper refusals | labels | exploration share of spend | "
-        "promotions | gate refusals | APGR on unseen, last retrain |",
+        "promotions | gate refusals | serving APGR on never-labelled prompts, last tick |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (order, policy), group in groups.items():
@@ -184,8 +184,7 @@ def plot(runs: Sequence[ReplayRun], window: int, path: Path) -> None:
             [
                 [
                     (
-                        r.spend[w]
-                        - r.costs.min() * (1 + np.array([len(e) for e in r.explored[w]]))
+                        r.spend[w] - r.costs.min() * (1 + np.array([len(e) for e in r.explored[w]]))
                     ).mean()
                     / r.budget_per_request
                     for w in spans
@@ -211,7 +210,7 @@ def plot(runs: Sequence[ReplayRun], window: int, path: Path) -> None:
         title=f"Extra spend / budget, windows of {window}", xlabel="requests", ylabel="ratio"
     )
     axes[2].set(
-        title="Serving router's APGR on unseen prompts", xlabel="requests seen", ylabel="APGR"
+        title="Serving router's APGR, never-labelled prompts", xlabel="requests", ylabel="APGR"
     )
     for ax in axes:
         ax.legend(fontsize=7)

@@ -36,6 +36,33 @@ MIN_CALIBRATION_SAMPLE = 20
 NEUTRAL_TRADEOFF = 0.0
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """The router's score of every tier of the pool (higher is better), and RouteT2I's
+    per-metric D_i where it predicts them."""
+
+    quality: dict[str, float]
+    metrics: list[float] | None
+    router_version: str
+
+
+# Scores that tie (a heuristic's equal word counts) are told apart by the request: a block
+# of tied prompts can then be bought in part, so calibration can meet the budget inside it.
+TIE_BREAK = 1e-6
+
+
+def break_ties(prediction: Prediction, request_id: str, pool: Pool) -> Prediction:
+    """The prediction with every dearer tier's score moved by less than ``TIE_BREAK``, by
+    a draw fixed by the request id (recorded with the decision, so recent predictions, on
+    which the trade-off is calibrated, carry it too)."""
+    shift = TIE_BREAK * (exploration.draw(request_id + ":tie") - 0.5)
+    quality = {
+        tier: score + (shift if tier != pool.cheapest.name else 0.0)
+        for tier, score in prediction.quality.items()
+    }
+    return Prediction(quality, prediction.metrics, prediction.router_version)
+
+
 def answer_budget(settings: Settings) -> float:
     """The spend per request above the cheapest tier that the answers may use: the budget
     less what exploration is expected to take (its rate times the mean extra cost of an
@@ -47,16 +74,6 @@ def answer_budget(settings: Settings) -> float:
     extra = [t.cost - pool.cheapest.cost for t in pool if t.name != pool.cheapest.name]
     exploring = settings.exploration_rate * (float(np.mean(extra)) if extra else 0.0)
     return max(0.0, budget - exploring)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The router's score of every tier of the pool (higher is better), and RouteT2I's
-    per-metric D_i where it predicts them."""
-
-    quality: dict[str, float]
-    metrics: list[float] | None
-    router_version: str
 
 
 def pair_scores(prs: float, pool: Pool) -> dict[str, float]:
@@ -153,6 +170,7 @@ class RouterService:
         self.settings = settings
         self.pool = settings.pool
         self._budget = answer_budget(settings)
+        self._full_budget = BudgetLimits.from_settings(settings).budget_per_request
         self._router: Router | PoolRouter = build_router(settings.default_policy)
         self._version = f"baseline:{settings.default_policy}"
         self._checked_at = float("-inf")
@@ -217,7 +235,13 @@ class RouterService:
     def tradeoff(self, session: Session) -> float:
         """Lambda calibrated on this router's recent predictions so that their choices spend
         the budget per request (RouteLLM-style calibration, generalised to a pool); the budget
-        keeper is the hard guarantee behind it."""
+        keeper is the hard guarantee behind it.
+
+        The target is corrected by what the recent decisions really spent: a calibration on
+        the last window's prompts is late when the prompt mix drifts, and a block of tied
+        predictions can only be bought whole, so on its own it can sit well under (or over)
+        the budget for long stretches. Adding the window's shortfall to the target (an
+        integral correction over the window) brings the spend back to the budget."""
         if time.monotonic() - self._tradeoff_at >= self.settings.router_reload_seconds:
             names = self.pool.names
             recent = [
@@ -228,7 +252,9 @@ class RouterService:
                 if all(t in row for t in names)
             ]
             self._tradeoff = (
-                calibrate_lambda(np.asarray(recent), [t.cost for t in self.pool], self._budget)
+                calibrate_lambda(
+                    np.asarray(recent), [t.cost for t in self.pool], self._target(session)
+                )
                 if len(recent) >= MIN_CALIBRATION_SAMPLE
                 else NEUTRAL_TRADEOFF
             )
@@ -243,6 +269,15 @@ class RouterService:
             )
             self._tradeoff_at = time.monotonic()
         return self._tradeoff
+
+    def _target(self, session: Session) -> float:
+        """The answers' budget plus the recent decisions' shortfall against the whole budget
+        (explorations included), between none and twice the budget."""
+        count, spent = queries.recent_spend(session, self.settings.calibration_window)
+        if count < MIN_CALIBRATION_SAMPLE:
+            return self._budget
+        full = self._full_budget
+        return min(max(0.0, self._budget + full - spent), 2.0 * full)
 
     def explore(self, request_ids: Sequence[str], predictions: Sequence[Prediction]) -> list[bool]:
         """Whether each request is offered an exploration token (workers/exploration.py),

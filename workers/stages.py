@@ -30,7 +30,7 @@ from workers.budget import BudgetKeeper
 from workers.flow import Step
 from workers.images import ImageStore
 from workers.pool import Pool
-from workers.runtime import RouterService
+from workers.runtime import RouterService, break_ties
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,12 @@ def route_requests(
     }
     if new:
         router.refresh(session)
-        predictions = router.predict_many([requests[rid].prompt for rid in new])
+        predictions = [
+            break_ties(p, rid, pool)
+            for rid, p in zip(
+                new, router.predict_many([requests[rid].prompt for rid in new]), strict=True
+            )
+        ]
         tradeoff = router.tradeoff(session)
         down = queries.unavailable_tiers(session)
         rankings = [rank_tiers(p.quality, pool, tradeoff) for p in predictions]

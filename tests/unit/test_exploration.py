@@ -79,3 +79,14 @@ def test_the_answers_budget_leaves_room_for_exploration() -> None:
     # B = 0.3 * 10 = 3; exploration takes 0.2 * 10 = 2 per request on average.
     assert answer_budget(settings) == 3.0 - 2.0
     assert answer_budget(settings.model_copy(update={"exploration_rate": 0.0})) == 3.0
+
+
+def test_ties_are_broken_by_the_request_and_by_less_than_any_real_gap() -> None:
+    from workers.runtime import TIE_BREAK, Prediction, break_ties
+
+    tied = Prediction({"edge": 0.5, "mid": 0.6, "cloud": 0.6}, None, "v")
+    broken = [break_ties(tied, rid, POOL) for rid in IDS[:200]]
+    assert all(b.quality["edge"] == 0.5 for b in broken)
+    shifts = np.array([b.quality["cloud"] - 0.6 for b in broken])
+    assert np.all(np.abs(shifts) < TIE_BREAK) and len(set(shifts.round(15))) > 150
+    assert break_ties(tied, IDS[0], POOL) == broken[0]
