@@ -29,6 +29,7 @@ from db.models import (
 )
 from db.session import session_scope
 from routing.metrics import METRIC_NAMES, METRICS_VERSION
+from tests.labels import seed_training_pairs
 from tests.services import celery_worker
 from workers import cli
 from workers.budget import BudgetLimits
@@ -384,46 +385,6 @@ def test_report_of_an_empty_window(clean_db: str) -> None:
 # --- library noise -----------------------------------------------------------------------------
 
 
-def _seed_pairs(url: str, n: int) -> None:
-    """Prompts scored on both tiers, the cloud ahead on the longer ones: enough to train."""
-    rng = np.random.default_rng(0)
-    with session_scope(url) as session:
-        for i in range(n):
-            request_id = str(uuid.uuid4())
-            long_prompt = i % 2 == 0
-            prompt = (
-                f"a crowd of people around fountain number {i}" if long_prompt else f"a cup {i}"
-            )
-            session.add(
-                GenerationRequest(
-                    id=request_id, prompt=prompt, width=64, height=64, seed=i, status=Status.DONE
-                )
-            )
-            session.flush()
-            edge = rng.uniform(0.4, 0.6, len(METRIC_NAMES))
-            cloud = edge + (0.3 if long_prompt else -0.05)
-            for tier, values in (("edge", edge), ("cloud", cloud)):
-                generation = Generation(
-                    request_id=request_id,
-                    tier=tier,
-                    model="tiny",
-                    image_path=f"{request_id}/{tier}.png",
-                    latency_ms=1.0,
-                )
-                session.add(generation)
-                session.flush()
-                session.add(
-                    QualityScore(
-                        generation_id=generation.id,
-                        request_id=request_id,
-                        tier=tier,
-                        metrics_version=METRICS_VERSION,
-                        scores={"names": list(METRIC_NAMES), "values": values.tolist()},
-                        mean_score=float(values.mean()),
-                    )
-                )
-
-
 def _run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "workers.cli", *args],
@@ -444,7 +405,7 @@ def test_sweep_and_retrain_print_their_result_and_no_library_noise(
     assert not [n for n in NOISE if n in swept.stderr], swept.stderr
 
     # Few pairs, so that training is quick: the noise came from loading the text encoder.
-    _seed_pairs(clean_db, 16)
+    seed_training_pairs(clean_db, 16)
     retrained = _run_cli("retrain", T2IROUTE_RETRAIN_MIN_PAIRS="12")
     assert retrained.returncode == 0, retrained.stderr
     assert json.loads(retrained.stdout)["n_pairs"] == 16

@@ -5,6 +5,7 @@ PostgreSQL and Redis, with real RouteT2I fits."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,23 @@ from routing.baselines import PromptLengthRouter
 from routing.registry import save_router
 from tests.labels import seed_training_pairs
 from workers.retrain import LOCK_NAME, retrain_lock, retrain_router
-from workers.settings import Settings
+from workers.settings import Settings, get_settings
 from workers.tasks import retrain
 
 
 @pytest.fixture
-def labelled(clean_db: str, clean_redis: redis.Redis, settings: Settings) -> Settings:
+def labelled(
+    clean_db: str, clean_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
+    """64 labelled pairs, and settings (those the task reads too) that retrain from 40."""
     seed_training_pairs(clean_db, 64)
+    monkeypatch.setenv("T2IROUTE_RETRAIN_MIN_PAIRS", "40")
+    get_settings.cache_clear()
+    settings = get_settings()
     redis.Redis.from_url(settings.redis_url).delete(LOCK_NAME)
-    return settings
+    yield settings
+    monkeypatch.undo()
+    get_settings.cache_clear()
 
 
 def _counts(url: str) -> tuple[int, int]:
