@@ -259,6 +259,15 @@ def flower(
     celery_app.start(argv)
 
 
+def _json_option(text: str, name: str) -> Any:
+    """An option's JSON text as a value; what it must be is the producer's to say, so that
+    the command refuses what the HTTP API and the Python producer refuse, in their words."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint=name) from None
+
+
 @app.command()
 def submit(
     prompt: Annotated[
@@ -282,6 +291,13 @@ def submit(
     idempotency_key: Annotated[
         str | None,
         typer.Option(help="For many prompts a prefix: line N gets KEY:N."),
+    ] = None,
+    callback_url: Annotated[
+        str | None, typer.Option(help="POSTed to, signed, when the request ends (docs/api.md).")
+    ] = None,
+    metadata: Annotated[
+        str | None,
+        typer.Option(help="A JSON object handed back with the request and its callback."),
     ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait until every request is final; show the outcome.")
@@ -311,6 +327,8 @@ def submit(
         "seed": seed,
         "guidance_scale": guidance_scale,
         "idempotency_key": idempotency_key,
+        "callback_url": callback_url,
+        "metadata": None if metadata is None else _json_option(metadata, "--metadata"),
     }
     if prompt is not None and prompt != "-":
         try:

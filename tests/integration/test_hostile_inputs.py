@@ -109,7 +109,6 @@ NO_SURROGATE = Absent("argv and header bytes never decode to a surrogate outside
 HEADER_GRAMMAR = Absent("an HTTP field value holds no control character and no surrounding space")
 PYTHON_ONLY_TYPES = Absent("the command line has only strings and typed options")
 HTTP_ONLY = Absent("only an HTTP request can have this form")
-NO_CLI_OPTION = Absent("the submit command takes no callback URL or metadata option")
 #: The API with keys not required: what is checked here is validation, alike everywhere.
 APP = create_app(require_keys=False)
 
@@ -124,7 +123,6 @@ def _url(url: object, message: str | None = None, **channels: Any) -> Case:
         f"callback URL {url!a}"[:60],
         options={"callback_url": url},
         message=None if message is None else _invalid("callback_url", message),
-        cli=NO_CLI_OPTION,
         **channels,
     )
 
@@ -135,7 +133,6 @@ def _metadata(name: str, metadata: object, message: str | None = None, **channel
         name,
         options={"metadata": metadata},
         message=None if message is None else _invalid("metadata", message),
-        cli=NO_CLI_OPTION,
         **channels,
     )
 
@@ -456,8 +453,8 @@ HOSTILE = [
         f"must have 1 to {MAX_URL_CHARS} characters",
     ),
     _url("", f"must have 1 to {MAX_URL_CHARS} characters"),
-    _url("https://hooks.example.com/\udcff", "must be valid UTF-8 text"),
-    _url(17, "Input should be a valid string"),
+    _url("https://hooks.example.com/\udcff", "must be valid UTF-8 text", cli=NO_SURROGATE),
+    _url(17, "Input should be a valid string", cli=PYTHON_ONLY_TYPES),
     # Metadata.
     _metadata("metadata list", ["a", "b"], "must be a JSON object"),
     _metadata("metadata string", '{"a": 1}', "must be a JSON object"),
@@ -484,12 +481,14 @@ HOSTILE = [
         {1: "a"},
         "has a name that is not text",
         http=Absent("a JSON object's names are text"),
+        cli=Absent("a JSON object's names are text"),
     ),
     _metadata(
         "metadata tuple",
         {"pair": (1, 2)},
         "holds a tuple, which is no JSON value",
         http=Absent("JSON has arrays, not tuples"),
+        cli=Absent("JSON has arrays, not tuples"),
     ),
     # Several faults at once: every one is named, in the same order everywhere.
     Case(
@@ -603,7 +602,11 @@ def _through_http(case: Case) -> Outcome:
 
 
 def _through_cli(case: Case) -> Outcome:
-    options = [f"--{name.replace('_', '-')}={value}" for name, value in case.options.items()]
+    options = [
+        # Metadata is JSON text on the command line, as in an HTTP body.
+        f"--{name.replace('_', '-')}={json.dumps(value) if name == 'metadata' else value}"
+        for name, value in case.options.items()
+    ]
     # After "--" a prompt is never read as an option, whatever it starts with.
     prompt = [] if case.prompt is OMITTED else ["--", case.prompt]
     done = CliRunner().invoke(cli.app, ["submit", *options, *prompt])
