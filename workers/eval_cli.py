@@ -11,8 +11,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -43,9 +44,6 @@ from routing.experiments import (
 from routing.learning_curve import DEFAULT_SIZES, LEARNING_PAIR_ROUTERS, LEARNING_POOL_ROUTERS
 from routing.registry import PAIR_ROUTERS, POOL_ROUTERS
 from routing.reports import fmt, write_reports
-
-if TYPE_CHECKING:
-    from workers.replay import ReplayConfig as ReplayConfigType
 
 eval_app = typer.Typer(
     help="Offline evaluation of routers (cross-validated).", no_args_is_help=True
@@ -365,6 +363,13 @@ def _progress(steps: int) -> Iterator[Callable[[str], None]]:
         yield advance
 
 
+def _command_line() -> str:
+    """The command that made a report, as a user would type it."""
+    if "eval" not in sys.argv:
+        return shlex.join(sys.argv)
+    return shlex.join(["t2iroute", "eval", *sys.argv[sys.argv.index("eval") + 1 :]])
+
+
 def _run_record(
     wall: float,
     seeds: int,
@@ -376,9 +381,7 @@ def _run_record(
     threads: int,
 ) -> dict[str, object]:
     return {
-        "command": shlex.join(["t2iroute", "eval", *sys.argv[sys.argv.index("eval") + 1 :]])
-        if "eval" in sys.argv
-        else shlex.join(sys.argv),
+        "command": _command_line(),
         "wall_seconds": round(wall, 1),
         "seeds": seeds,
         "folds": folds,
@@ -485,7 +488,8 @@ def replay(
     (prompt, tier) reveals that model's recorded human rating as its quality."""
     import torch
 
-    from workers.replay import ReplayConfig, genai_bench_table, run_replay
+    from routing.data import load_genai_bench_pool
+    from workers.replay import ReplayConfig, run_replay
     from workers.replay_report import NOTE, markdown, plot, summarise_run, write_csv
 
     torch.set_num_threads(threads)
@@ -499,7 +503,7 @@ def replay(
         raise typer.Exit(2)
     chosen = split_list(models)
     try:
-        table = genai_bench_table(chosen, path)
+        table = load_genai_bench_pool(chosen, path)
     except (ValueError, KeyError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     base = ReplayConfig(
@@ -519,10 +523,10 @@ def replay(
         for seed in (int(s) for s in split_list(seeds))
         for variant in (
             *(
-                _with(base, order=order, seed=seed, exploration_strategy=s)
+                replace(base, order=order, seed=seed, exploration_strategy=s)
                 for s in split_list(strategies)
             ),
-            *(_with(base, order=order, seed=seed).static(p) for p in split_list(static)),
+            *(replace(base, order=order, seed=seed).static(p) for p in split_list(static)),
         )
     ]
     console.print(NOTE)
@@ -536,8 +540,7 @@ def replay(
     out.mkdir(parents=True, exist_ok=True)
     write_csv(runs, window, out)
     summaries = [summarise_run(run, window) for run in runs]
-    command = shlex.join(["t2iroute", "eval", *sys.argv[sys.argv.index("eval") + 1 :]])
-    report = markdown(summaries, command if "eval" in sys.argv else "t2iroute eval replay")
+    report = markdown(summaries, _command_line())
     (out / "replay.md").write_text(report + f"\nWall time {wall:.0f} s.\n")
     plot(runs, window, out / "replay.png")
     shown = Table(title="replay (means over seeds)")
@@ -555,9 +558,3 @@ def replay(
         )
     console.print(shown)
     console.print(f"[green]{len(runs)} replays in {wall:.0f} s; reports in {out}[/green]")
-
-
-def _with(config: ReplayConfigType, **changes: object) -> ReplayConfigType:
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ from db import queries
 from db.migrate import upgrade
 from db.models import Generation, GenerationRequest, QualityScore, Status
 from db.session import dispose_engines, session_scope
-from routing.data import RATING_METRIC, load_genai_bench_pool
+from routing.data import RATING_METRIC
 from routing.experiments import GENAI_COSTS
 from routing.registry import build_router, load_pair_router
 from routing.types import PoolTable, Router
@@ -105,6 +105,7 @@ class ReplayRun:
     explored: list[tuple[str, ...]]
     quality: np.ndarray
     spend: np.ndarray
+    #: What the budget keeper charged: the spend above the cheapest tier, explorations included.
     extra_spend: np.ndarray
     refused: np.ndarray
     tradeoff: np.ndarray
@@ -357,7 +358,3 @@ def _read_back(settings: Settings) -> dict[str, float]:
                 or 0
             ),
         }
-
-
-def genai_bench_table(models: Sequence[str], path: Path | None = None) -> PoolTable:
-    return load_genai_bench_pool(tuple(models), path)

@@ -50,7 +50,7 @@ def windows(n: int, size: int) -> list[slice]:
 
 def summarise_run(run: ReplayRun, window: int) -> RunSummary:
     budget = run.budget_per_request
-    extra = run.spend - run.costs.min() * (1 + np.array([len(e) for e in run.explored]))
+    extra = run.extra_spend
     ratios = [extra[w].mean() / budget - 1 for w in windows(len(extra), window)] if budget else []
     apgrs = [r.unseen_apgr for r in run.retrainings if np.isfinite(r.unseen_apgr)]
     return RunSummary(
@@ -84,9 +84,7 @@ def write_csv(runs: Sequence[ReplayRun], window: int, out: Path) -> None:
             dearest = run.tiers[-1]
             labels = np.cumsum([bool(e) for e in run.explored])
             for w in windows(len(run.quality), window):
-                extra = run.spend[w] - run.costs.min() * (
-                    1 + np.array([len(e) for e in run.explored[w]])
-                )
+                extra = run.extra_spend[w]
                 writer.writerow(
                     [
                         run.config.order,
@@ -181,16 +179,7 @@ def plot(runs: Sequence[ReplayRun], window: int, path: Path) -> None:
         axes[0].plot(np.arange(1, n + 1), cumulative, label=label)
         spans = windows(n, window)
         ratio = np.mean(
-            [
-                [
-                    (
-                        r.spend[w] - r.costs.min() * (1 + np.array([len(e) for e in r.explored[w]]))
-                    ).mean()
-                    / r.budget_per_request
-                    for w in spans
-                ]
-                for r in group
-            ],
+            [[r.extra_spend[w].mean() / r.budget_per_request for w in spans] for r in group],
             0,
         )
         axes[1].plot([w.stop for w in spans], ratio, marker=".", label=label)

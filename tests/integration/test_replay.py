@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from routing.data import default_ratings_path
+from routing.data import default_ratings_path, load_genai_bench_pool
 from routing.types import PoolTable
-from workers.replay import ReplayConfig, genai_bench_table, run_replay, stream_order
+from workers.replay import ReplayConfig, run_replay, stream_order
 from workers.replay_report import markdown, plot, summarise_run, write_csv
 
 pytestmark = pytest.mark.skipif(
@@ -26,7 +26,7 @@ SLICE = ReplayConfig(
 
 @pytest.fixture(scope="module")
 def table() -> PoolTable:
-    return genai_bench_table(SLICE.models)
+    return load_genai_bench_pool(SLICE.models)
 
 
 def test_the_loop_reconciles_with_the_database(
