@@ -6,15 +6,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import psycopg
 import redis
 
 from tests.environment import POSTGRES_ADMIN_URL, SCRATCH, TEST_DATABASE
+from tests.fault.servers import free_port
 from workers.demo import worker_command
 
 
@@ -61,6 +64,39 @@ def celery_worker(
     try:
         _wait_ready(app, hostname, process, log_path, ready_timeout)
         yield process
+    finally:
+        stop(process)
+
+
+@contextmanager
+def api_server(*, env: dict[str, str] | None = None, timeout: float = 120.0) -> Iterator[str]:
+    """``t2iroute api`` on a free loopback port, answering ``/healthz`` before the block runs,
+    stopped after; its base URL. Its output is in ``SCRATCH / "api-PORT.log"``."""
+    port = free_port()
+    log_path = SCRATCH / f"api-{port}.log"
+    command = ["-m", "workers.cli", "api", "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, *command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the API exited:\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the API did not start:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.3)
+        yield base
     finally:
         stop(process)
 

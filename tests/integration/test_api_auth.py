@@ -4,11 +4,6 @@ may see over HTTP; and ``t2iroute api`` run as a real server on a loopback port.
 from __future__ import annotations
 
 import hashlib
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,7 +17,9 @@ from typer.testing import CliRunner
 from db.models import ApiKey, GenerationRequest
 from db.session import session_scope
 from tests.environment import SCRATCH
+from tests.fault.servers import free_port
 from tests.integration.test_api import Reply
+from tests.services import api_server
 from workers import cli
 from workers.api import create_app, keys_required_at
 from workers.settings import Settings
@@ -237,57 +234,16 @@ def test_keys_are_required_off_loopback_unless_configured(
 # --- a real server ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(database: str) -> Iterator[str]:
     """``t2iroute api`` on a free loopback port, keys required by configuration, and a budget
     Redis that nothing listens on (readiness must name it)."""
-    port = _free_port()
-    log_path = SCRATCH / f"api-{port}.log"
     env = {
-        **os.environ,
         "T2IROUTE_API_AUTH": "required",
-        "T2IROUTE_REDIS_URL": f"redis://127.0.0.1:{_free_port()}/0",
+        "T2IROUTE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
     }
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "workers.cli",
-                "api",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the API exited:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the API did not start:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.3)
+    with api_server(env=env) as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_a_real_server_requires_keys_serves_its_own_and_reports_readiness(

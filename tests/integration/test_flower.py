@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,20 +10,14 @@ import time
 import httpx
 import pytest
 
+from tests.fault.servers import free_port
 from tests.services import stop
 
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_flower_runs_behind_basic_auth() -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "T2IROUTE_FLOWER_BASIC_AUTH": "operator:s3cret"}
     process = subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "flower", "--port", str(port)],

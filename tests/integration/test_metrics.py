@@ -5,12 +5,7 @@ and must agree with what the database and the budget keeper recorded."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +23,13 @@ from db.models import Dispatch, Generation, QualityScore, RoutingDecision, StepS
 from db.session import session_scope
 from routing.metrics import METRIC_NAMES
 from tests.environment import SCRATCH
-from tests.services import celery_worker, stop, wait_until_final, wait_until_steps_closed
+from tests.fault.servers import free_port
+from tests.services import (
+    api_server,
+    celery_worker,
+    wait_until_final,
+    wait_until_steps_closed,
+)
 from workers.budget import BudgetLimits
 from workers.metrics import FailureReason, decision_outcome
 from workers.producer import submit
@@ -53,13 +54,6 @@ ROUTING_ENV = {
     "T2IROUTE_EXPLORATION_RATE": "0.5",
     "T2IROUTE_EXPLORATION_BURST": "2",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def scrape(url: str) -> list[Sample]:
@@ -88,39 +82,8 @@ def names(samples: list[Sample]) -> set[str]:
 @pytest.fixture(scope="module")
 def api(database: str) -> Iterator[str]:
     """``t2iroute api`` on a free loopback port; its base URL."""
-    port = free_port()
-    log_path = SCRATCH / f"api-metrics-{os.getpid()}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "workers.cli",
-                "api",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **ROUTING_ENV},
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not start:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.3)
+    with api_server(env=ROUTING_ENV) as url:
         yield url
-    finally:
-        stop(process)
 
 
 @contextmanager

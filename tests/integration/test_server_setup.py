@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from sqlalchemy import make_url, select
 from db.models import Generation
 from db.session import session_scope
 from tests.environment import TEST_DATABASE
+from tests.fault.servers import free_port
 from tests.services import drop_database, recreate_database
 from workers.settings import Settings
 
@@ -62,13 +62,6 @@ def server_block() -> list[str]:
     match = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
     assert match is not None, f"no shell block under {SECTION!r} in README.md"
     return [line for line in match.group(1).splitlines() if line.strip()]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -201,7 +194,7 @@ def test_the_server_section_of_the_readme_works_as_written(machine: Machine) -> 
         argv = [arg.replace("REQUEST_ID", request_id or "REQUEST_ID") for arg in argv]
         command = argv[1]
         if command in ("api", "flower"):
-            port = _free_port()
+            port = free_port()
             argv.append(f"--port={port}")
             api_port, flower_port = (port, flower_port) if command == "api" else (api_port, port)
         if command in LONG_RUNNING:
