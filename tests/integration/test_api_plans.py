@@ -20,12 +20,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
 from db import migrate, queries
 from db.models import Status
 from tests.environment import TEST_DATABASE
+from tests.integration.test_plans import explain, statements_of
 from tests.services import drop_database, recreate_database
 from workers.settings import Settings
 
@@ -181,23 +182,6 @@ def tables(settings: Settings) -> Iterator[Tables]:
         drop_database(PLANS_DB)
 
 
-def _statements(engine: Engine, call: Callable[[Session], object]) -> list[tuple[str, Any]]:
-    sent: list[tuple[str, Any]] = []
-
-    def catch(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        if not statement.lstrip().upper().startswith("EXPLAIN"):
-            sent.append((statement, parameters))
-
-    event.listen(engine, "before_cursor_execute", catch)
-    try:
-        with Session(engine) as session:
-            call(session)
-            session.rollback()
-    finally:
-        event.remove(engine, "before_cursor_execute", catch)
-    return sent
-
-
 def _scans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
     if "Relation Name" in plan:
         yield plan
@@ -207,16 +191,10 @@ def _scans(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 @pytest.mark.parametrize("query", API_QUERIES, ids=[q.name for q in API_QUERIES])
 def test_api_queries_walk_their_indexes(tables: Tables, query: ApiQuery) -> None:
-    statements = _statements(tables.engine, lambda s: query.call(s, tables.sample))
+    statements = statements_of(tables.engine, lambda s: query.call(s, tables.sample))
     assert statements
     for statement, parameters in statements:
-        with tables.engine.connect() as connection:
-            raw = connection.exec_driver_sql(
-                f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", parameters
-            ).scalar()
-            connection.rollback()
-        assert raw is not None
-        plan = raw[0]["Plan"]
+        plan = explain(tables.engine, statement, parameters)
         for scan in _scans(plan):
             table = scan["Relation Name"]
             assert table in query.indexes, f"{query.name} reads {table}: {plan}"
