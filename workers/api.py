@@ -153,9 +153,11 @@ async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_invalid(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, InvalidRequest)
-    if not exc.problems:  # refused whole (an idempotency key reused with other parameters)
-        return _problem_response(Problem(422, "invalid-request", "Invalid request", str(exc)))
-    return _problem_response(_invalid(list(exc.problems)))
+    # The producer's own wording: a refused field's, or an idempotency key's reused with
+    # other parameters, which names each field that differs.
+    return _problem_response(
+        Problem(422, "invalid-request", "Invalid request", str(exc), errors=list(exc.problems))
+    )
 
 
 def _field(location: tuple[int | str, ...]) -> str:

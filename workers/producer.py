@@ -6,6 +6,7 @@ the request stays ``queued`` and the sweeper sends it later, so nothing is lost.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -68,7 +69,8 @@ def refusal_message(problems: Sequence[FieldProblem]) -> str:
 
 class InvalidRequest(ValueError):
     """The request was refused before anything was written or enqueued. ``problems`` names
-    the offending fields when validation refused it (empty for a refusal of another kind)."""
+    the offending fields: those validation refused, or those that differ from the request
+    first made with a reused idempotency key."""
 
     def __init__(self, message: str, problems: Sequence[FieldProblem] = ()) -> None:
         super().__init__(message)
@@ -305,18 +307,46 @@ class Submitted:
     enqueued: bool
 
 
-def _row_values(spec: RequestSpec, settings: Settings) -> dict[str, Any]:
+#: The columns a request's fields are stored in: what a retry with its key must repeat.
+_COLUMNS = {
+    "prompt": "prompt",
+    "width": "width",
+    "height": "height",
+    "steps": "steps",
+    "seed": "seed",
+    "guidance_scale": "guidance_scale",
+    "callback_url": "callback_url",
+    "metadata": "client_metadata",
+}
+
+
+def _row_values(spec: RequestSpec, settings: Settings, api_key_id: int | None) -> dict[str, Any]:
+    """The request as stored, its defaults applied: the normalised request that a retry
+    with the same idempotency key is compared with."""
     return {
         "prompt": spec.prompt,
         "width": spec.width or settings.default_width,
         "height": spec.height or settings.default_height,
         # Unstated steps stay None: each tier's own default applies when it generates.
         "steps": spec.steps,
-        "seed": spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED),
+        "seed": _seed(spec, api_key_id),
         "guidance_scale": spec.guidance_scale,
         "callback_url": spec.callback_url,
         "client_metadata": spec.metadata,
+        "api_key_id": api_key_id,
     }
+
+
+def _seed(spec: RequestSpec, api_key_id: int | None) -> int:
+    """The stated seed; else, for a request with an idempotency key, one drawn from the key
+    (and its owner), so that a retry which states no seed either asks for the same request
+    and one which states another does not; else a random one."""
+    if spec.seed is not None:
+        return spec.seed
+    if spec.idempotency_key is None:
+        return secrets.randbelow(MAX_SEED)
+    owner_key = f"{api_key_id}\x00{spec.idempotency_key}".encode()
+    return int.from_bytes(hashlib.sha256(owner_key).digest()[:8], "big") % MAX_SEED
 
 
 def submit(
@@ -327,12 +357,14 @@ def submit(
     **options: Any,
 ) -> Submitted:
     """Accept one request and enqueue it. The same idempotency key twice gives the same
-    request and one job; the same key with other parameters is refused. ``options`` are
-    RequestSpec's fields (``callback_url`` and ``metadata`` included); ``api_key_id`` is
-    the HTTP API key that makes it, whose own idempotency keys these are."""
+    request and one job; the same key with other parameters is refused, every stored field
+    compared after the defaults are applied (a field left out is its default, not "as
+    before"). ``options`` are RequestSpec's fields (``callback_url`` and ``metadata``
+    included); ``api_key_id`` is the HTTP API key that makes it, whose own idempotency keys
+    these are."""
     settings = settings or get_settings()
     spec = parse_request(settings, prompt=prompt, **options)
-    values = {**_row_values(spec, settings), "api_key_id": api_key_id}
+    values = _row_values(spec, settings, api_key_id)
     with session_scope(settings.database_url) as session:
         request_id = None
         if spec.idempotency_key is not None:
@@ -358,7 +390,7 @@ def submit(
             )
             assert row is not None
             if not created:
-                _check_same(row, spec)
+                _check_same(row, values, spec)
             request_id = row.id
         else:
             row = GenerationRequest(**values, id=_new_request_id(), status=Status.QUEUED)
@@ -377,18 +409,33 @@ def _new_request_id() -> str:
     return str(uuid.uuid4())
 
 
-#: RequestSpec's fields stored under another column name.
-_COLUMNS = {"metadata": "client_metadata"}
+#: What a refusal says of a field that differs from the request first made with its key.
+DIFFERS = "differs from the request first made with this key"
 
 
-def _check_same(row: GenerationRequest, spec: RequestSpec) -> None:
-    stated = {k: v for k, v in spec.model_dump().items() if v is not None}
-    stated.pop("idempotency_key", None)
-    differing = [k for k, v in stated.items() if getattr(row, _COLUMNS.get(k, k)) != v]
-    if differing:
+def _same(stored: Any, wanted: Any) -> bool:
+    # As JSON text with sorted names, so that metadata's true is not its 1, nor 1 its 1.0.
+    return json.dumps(stored, sort_keys=True) == json.dumps(wanted, sort_keys=True)
+
+
+def _check_same(row: GenerationRequest, values: dict[str, Any], spec: RequestSpec) -> None:
+    """Refuse a retry whose normalised request is not the stored one, naming every field
+    that differs (Stripe's rule: the same key with other parameters is an error)."""
+    problems = [
+        FieldProblem(
+            name,
+            DIFFERS
+            if getattr(spec, name) is not None
+            else f"{DIFFERS}, which stated it (a retry repeats every field)",
+        )
+        for name, column in _COLUMNS.items()
+        if not _same(getattr(row, column), values[column])
+    ]
+    if problems:
         raise InvalidRequest(
             f"idempotency key {row.idempotency_key!r} was used before with other "
-            f"{', '.join(differing)}"
+            f"{', '.join(p.field for p in problems)}",
+            problems,
         )
 
 
