@@ -174,11 +174,14 @@ def route_requests(
             ]
         )
         rows = []
-        for rid, prediction, ranking, granted in zip(
-            new, predictions, rankings, grants, strict=True
+        for rid, prediction, ranking, available, granted in zip(
+            new, predictions, rankings, offered, grants, strict=True
         ):
             first = ranking[0]
             explored = [t for t in granted.explored if t not in down]
+            # A reroute is a tier granted in place of the first that was out of service; with
+            # every tier out, the whole ranking is offered and nothing is rerouted.
+            rerouted = first not in available and granted.tier != first
             rows.append(
                 {
                     "request_id": rid,
@@ -191,9 +194,9 @@ def route_requests(
                     "explored": explored,
                     "spent": granted.spent,
                     "budget_reason": granted.reason,
-                    "rerouted_from": first if first in down else None,
+                    "rerouted_from": first if rerouted else None,
                     "reroute_reason": f"{first} out of service: {down[first][:200]}"
-                    if first in down
+                    if rerouted
                     else None,
                 }
             )

@@ -85,6 +85,67 @@ def test_routing_twice_records_one_decision_spends_once_and_sends_nothing_twice(
     assert budget.stats()["requests"] == 1
 
 
+def _break(url: str, *tiers: str) -> None:
+    """Open the breaker of each tier, as failed generations in a row would."""
+    with session_scope(url) as session:
+        for tier in tiers:
+            queries.record_tier_failure(
+                session, tier, f"{tier} is broken", threshold=1, cooldown_seconds=300
+            )
+
+
+#: Prompts of many lengths: the cold-start policy wants edge for some and cloud for others.
+PROMPTS = [
+    "a cat",
+    "a red bicycle leaning on a wall",
+    "an astronaut riding a horse on the moon, photorealistic, golden hour, 35 mm film",
+    "two dogs",
+    "a bowl of ramen with a soft-boiled egg, steam rising, shot from above on a dark table",
+    "a lighthouse",
+]
+
+
+@pytest.mark.parametrize(
+    ("down", "cloud_ratio", "rerouted"),
+    [
+        # Every tier out of service: the router falls back to its ranking, and nothing is
+        # rerouted (issue 18, defect 6: edge decisions said they were rerouted from edge).
+        (("edge", "cloud"), 1.0, False),
+        # The cheapest out of service and the dearer refused: the keeper grants the cheapest,
+        # the tier wanted first, which is no reroute either.
+        (("edge",), 0.0, False),
+        # The dearer out of service: whoever wanted it is rerouted to edge, with the reason.
+        (("cloud",), 1.0, True),
+    ],
+    ids=["all-down", "edge-down-cloud-refused", "cloud-down"],
+)
+def test_a_decision_records_a_reroute_only_when_the_granted_tier_is_not_the_one_wanted(
+    clean_db: str,
+    clean_redis: redis.Redis,
+    settings: Settings,
+    down: tuple[str, ...],
+    cloud_ratio: float,
+    rerouted: bool,
+) -> None:
+    _break(clean_db, *down)
+    budget = _keeper(settings, exploration_rate=0.0, cloud_ratio=cloud_ratio)
+    ids = [submit(prompt, seed=i).request_id for i, prompt in enumerate(PROMPTS)]
+    for request_id in ids:
+        _route(clean_db, request_id, settings, budget)
+    with session_scope(clean_db) as session:
+        decisions = [queries.get_decision(session, rid) for rid in ids]
+    rows = [(d.wanted_tier, d.tier, d.rerouted_from, d.reroute_reason) for d in decisions if d]
+    assert len(rows) == len(ids)
+    assert {wanted for wanted, *_ in rows} == {"edge", "cloud"}, "the prompts want one tier"
+    for wanted, tier, source, reason in rows:
+        moved = rerouted and wanted in down
+        assert (source, reason is not None) == ((wanted, True) if moved else (None, False)), (
+            f"wanted {wanted}, granted {tier}: rerouted_from {source!r} ({reason})"
+        )
+        if moved:
+            assert tier != wanted and reason == f"{wanted} out of service: {wanted} is broken"
+
+
 def test_a_duplicate_of_a_finished_step_is_not_an_attempt(
     clean_db: str, clean_redis: redis.Redis, settings: Settings
 ) -> None:
