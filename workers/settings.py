@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from workers.egress import AllowList, split_entries
 from workers.pool import Pool, PoolError, TierSpec, parse_tiers, read_tiers_file
 
 
@@ -181,6 +182,26 @@ class Settings(BaseSettings):
     # BACKOFF_MAX.
     callback_backoff_seconds: float = Field(default=2.0, gt=0.0)
     callback_backoff_max_seconds: float = Field(default=600.0, gt=0.0)
+    # A callback reaches only addresses reachable on the Internet (workers/egress.py); these
+    # networks (CIDR, or one address) and host names are allowed besides, for a receiver
+    # inside the operator's own network. A JSON list, or entries separated by commas.
+    callback_allowed_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("callback_allowed_networks", mode="before")
+    @classmethod
+    def _split_allowed_networks(cls, entries: Any) -> Any:
+        return split_entries(entries) if isinstance(entries, str) else entries
+
+    @field_validator("callback_allowed_networks")
+    @classmethod
+    def _allowed_networks(cls, entries: list[str]) -> list[str]:
+        AllowList.parse(entries)  # an entry that is neither a network nor a name refuses to start
+        return entries
+
+    @cached_property
+    def callback_allowed(self) -> AllowList:
+        """What callbacks may reach despite being internal (``callback_allowed_networks``)."""
+        return AllowList.parse(self.callback_allowed_networks)
 
     # HTTP API. API keys: "auto" requires them wherever the API listens off loopback (as
     # Flower requires basic auth), and wherever the address is unknown (the app run by
