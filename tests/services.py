@@ -47,6 +47,7 @@ def celery_worker(
     env: dict[str, str] | None = None,
     tiers: str = "",
     pool: str = "solo",
+    concurrency: int = 1,
     ready_timeout: float = 120.0,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A real worker process, up (answering ping) before the block runs, stopped after."""
@@ -54,9 +55,10 @@ def celery_worker(
 
     log_path = SCRATCH / f"worker-{name}-{os.getpid()}.log"
     hostname = f"{name}-{os.getpid()}@test"
+    command = worker_command(queues, hostname=hostname, tiers=tiers, pool=pool)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            worker_command(queues, hostname=hostname, tiers=tiers, pool=pool),
+            [*command, f"--concurrency={concurrency}"],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
