@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -75,6 +76,11 @@ DEFAULT_PAGE, MAX_PAGE = 50, 200
 IMAGE_CACHE = "private, max-age=31536000, immutable"
 #: How long readiness waits for the broker and the budget Redis.
 READY_TIMEOUT_SECONDS = 2.0
+#: The Retry-After of a 503 while the database is unreachable: about a restart's length.
+UNAVAILABLE_RETRY_SECONDS = 5
+#: What the database is when it cannot be reached: a refused or broken connection, or no
+#: connection free in the pool in time.
+DATABASE_DOWN = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
 
 
 # --- problems (RFC 9457) -----------------------------------------------------------------------
@@ -157,6 +163,40 @@ async def _on_invalid(request: Request, exc: Exception) -> JSONResponse:
     # other parameters, which names each field that differs.
     return _problem_response(
         Problem(422, "invalid-request", "Invalid request", str(exc), errors=list(exc.problems))
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error in one line: the driver's own error where SQLAlchemy wraps one, the first
+    line of its message (psycopg's run to three, SQLAlchemy adds the statement)."""
+    cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
+
+
+def _route(request: Request) -> str:
+    # The route's template rather than the path, which is the client's text, decoded.
+    return str(getattr(request.scope.get("route"), "path", None) or ascii(request.url.path))
+
+
+async def _on_database_down(request: Request, exc: Exception) -> JSONResponse:
+    # One line per request: the cause is the same for every request of an outage, and a
+    # traceback each (some 200 lines through psycopg and SQLAlchemy) would bury the log.
+    log.warning(
+        "%s %s: the database is unreachable (%s)",
+        request.method,
+        _route(request),
+        _first_line(exc),
+    )
+    return _problem_response(
+        Problem(
+            503,
+            "unavailable",
+            "Service unavailable",
+            "the database is unreachable; try again shortly",
+            errors=[FieldProblem("database", "unreachable")],
+            headers={"Retry-After": str(UNAVAILABLE_RETRY_SECONDS)},
+        )
     )
 
 
@@ -401,7 +441,7 @@ router = APIRouter()
     "/v1/requests",
     status_code=202,
     response_model=Accepted,
-    responses=_problems(401, 413, 415, 422),
+    responses=_problems(401, 413, 415, 422, 503),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -496,7 +536,7 @@ def _tier(settings: Settings, tier: str, field: str = "tier") -> str:
     return tier
 
 
-@router.get("/v1/requests", response_model=RequestPage, responses=_problems(401, 422))
+@router.get("/v1/requests", response_model=RequestPage, responses=_problems(401, 422, 503))
 def list_requests(
     who: CallerDep,
     status: Annotated[Status | None, Query(description="Only requests in this state")] = None,
@@ -553,7 +593,9 @@ def list_requests(
 # --- one request -----------------------------------------------------------------------------
 
 
-@router.get("/v1/requests/{request_id}", response_model=RequestView, responses=_problems(401, 404))
+@router.get(
+    "/v1/requests/{request_id}", response_model=RequestView, responses=_problems(401, 404, 503)
+)
 def read_request(request_id: str, who: CallerDep) -> RequestView:
     """Where a request stands: state, timings of each step, the decision, every image and
     its quality per metric."""
@@ -564,7 +606,7 @@ def read_request(request_id: str, who: CallerDep) -> RequestView:
 @router.post(
     "/v1/requests/{request_id}/cancel",
     response_model=RequestView,
-    responses=_problems(401, 404, 409),
+    responses=_problems(401, 404, 409, 503),
 )
 def cancel_request(request_id: str, who: CallerDep) -> RequestView:
     """Cancel a request that is not generating yet (queued, or routed with no image begun):
@@ -636,7 +678,7 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
     responses={
         200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
         304: {"description": "Not modified: the image the client holds"},
-        **_problems(401, 404, 409, 422),
+        **_problems(401, 404, 409, 422, 503),
     },
 )
 def read_image(
@@ -699,10 +741,11 @@ def _buckets(settings: Settings) -> tuple[dict[str, float] | None, str | None]:
     try:
         return _keepers[settings.redis_url].stats(), None
     except RedisError as exc:
+        log.warning("GET /v1/budget: the budget Redis is unreachable (%s)", _first_line(exc))
         return None, f"the budget Redis is unreachable ({type(exc).__name__})"
 
 
-@router.get("/v1/budget", response_model=BudgetView, responses=_problems(401, 422))
+@router.get("/v1/budget", response_model=BudgetView, responses=_problems(401, 422, 503))
 def read_budget(
     who: CallerDep,
     window_minutes: Annotated[int, Query(ge=1, le=7 * 24 * 60)] = 60,
@@ -820,6 +863,8 @@ def create_app(*, require_keys: bool | None = None) -> FastAPI:
     app.add_exception_handler(InvalidRequest, _on_invalid)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
+    for error in DATABASE_DOWN:
+        app.add_exception_handler(error, _on_database_down)
     return app
 
 

@@ -446,9 +446,14 @@ def _enqueue(request_id: str) -> bool:
         app.send_task(
             ROUTE.task_name, args=ROUTE.args(request_id), task_id=task_id(ROUTE, request_id, 1)
         )
-    except Exception:
+    except Exception as exc:
+        # One line, no traceback: during an outage every submit would log the same one.
+        reason = (str(exc).strip().splitlines() or [""])[0]
         log.warning(
-            "broker unavailable; request %s stays queued for the sweeper", request_id, exc_info=True
+            "broker unavailable (%s: %s); request %s stays queued for the sweeper",
+            type(exc).__name__,
+            reason,
+            request_id,
         )
         return False
     return True
