@@ -81,6 +81,7 @@ from db import queries
 from db.models import Dispatch, GenerationRequest, RoutingDecision, Status
 from db.session import session_scope
 from workers.budget import BudgetKeeper, BudgetLimits, budget_keeper_from_settings
+from workers.images import StoreUnavailable
 from workers.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ __all__ = [
     "record_failure",
     "record_give_up",
     "record_retry",
+    "record_store_outage",
     "record_sweep",
     "serve_worker_metrics",
 ]
@@ -111,7 +113,7 @@ DecisionOutcome = Literal[
     "granted", "budget_exhausted", "rate_exhausted", "keeper_unavailable", "other"
 ]
 #: The outage a delivery was retried for (workers/tasks.py ``TRANSIENT_ERRORS``).
-Outage = Literal["database", "redis", "broker", "connection"]
+Outage = Literal["database", "redis", "broker", "connection", "store"]
 #: Why an attempt at a step failed.
 FailureReason = Literal["time_limit", "out_of_memory", "io", "error"]
 #: Why a step gave up: its attempts failed, workers died holding it, its messages were lost.
@@ -163,9 +165,16 @@ QUALITY = Histogram(
 )
 RETRIES = Counter(
     "t2iroute_retries",
-    "Deliveries that met a database, Redis or broker outage (sent again with backoff, or "
-    "left to the sweeper once the retries are spent), by stage and outage",
+    "Deliveries that met a database, Redis, broker or image store outage (sent again with "
+    "backoff, or left to the sweeper once the retries are spent), by stage and outage",
     ["stage", "tier", "reason"],
+    registry=None,
+)
+STORE_OUTAGES = Counter(
+    "t2iroute_image_store_outages",
+    "Images the image store could not take (full, quota, read_only, denied): an outage, "
+    "retried without counting an attempt or a tier failure",
+    ["reason"],
     registry=None,
 )
 FAILURES = Counter(
@@ -214,6 +223,7 @@ WORKER_METRICS: tuple[Counter | Histogram, ...] = (
     GENERATION_SECONDS,
     QUALITY,
     RETRIES,
+    STORE_OUTAGES,
     FAILURES,
     GIVE_UPS,
     RESENDS,
@@ -281,6 +291,8 @@ def outage(exc: BaseException) -> Outage:
         return "redis"
     if isinstance(exc, BrokerError):
         return "broker"
+    if isinstance(exc, StoreUnavailable):
+        return "store"
     return "connection"
 
 
@@ -306,6 +318,11 @@ def record_retry(key: tuple[str, Step] | None, exc: BaseException) -> None:
     """A delivery of ``key`` (request id, step) is retried after a transient error."""
     if key is not None:
         RETRIES.labels(**_stage(key[1]), reason=outage(exc)).inc()
+
+
+def record_store_outage(exc: StoreUnavailable) -> None:
+    """A batch's image could not be written: the store is full, read-only or denied."""
+    STORE_OUTAGES.labels(reason=exc.reason).inc()
 
 
 def record_failure(step: Step, exc: BaseException) -> None:

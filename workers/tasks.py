@@ -2,7 +2,8 @@
 
 Every task carries only the request id (prompts stay in Postgres, out of the broker and
 Flower's event stream). A task that fails for good leaves its request ``failed`` with the
-reason; a transient error (database or Redis connection) is retried with backoff."""
+reason; an outage (a database or Redis connection, an image store that cannot take a file)
+is retried with backoff, never counted as an attempt."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from workers.celery_app import (
     app,
 )
 from workers.flow import Step
+from workers.images import StoreUnavailable
 from workers.pipelines import generate_many
 from workers.pool import Pool
 from workers.runtime import (
@@ -57,11 +59,14 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.TimeoutError,
     BrokerError,
     ConnectionError,
+    # A full, over-quota or read-only image store: no attempt of the request's can mend it,
+    # and failing attempts would open the tier's breaker for a fault of neither.
+    StoreUnavailable,
 )
 
 
 def transient_backoff(retries: int, settings: Settings) -> float | None:
-    """Seconds before retry ``retries + 1`` of a database or Redis outage, or None once the
+    """Seconds before retry ``retries + 1`` after an outage, or None once the
     retries have covered ``transient_retry_seconds``. Exponential, capped below the
     visibility timeout (a held message must not be redelivered while it waits), and
     jittered between half and all of the step so that workers do not return in lockstep;
@@ -211,9 +216,9 @@ def _resend(task: Task, delivery: Delivery, countdown: float) -> None:
 def _retry(
     task: Task, deliveries: Sequence[Delivery], exc: BaseException, settings: Settings
 ) -> None:
-    """A database or Redis outage: each delivery again later, with backoff, until
-    ``transient_retry_seconds`` are covered; after that the steps stay open and the sweeper
-    re-sends them once the services are back."""
+    """An outage (database, Redis, broker, image store): each delivery again later, with
+    backoff, until ``transient_retry_seconds`` are covered; after that the steps stay open and
+    the sweeper re-sends them once the services are back."""
     log.warning("%s: %s; retrying %d deliveries", task.name, exc, len(deliveries))
     for delivery in deliveries:
         metrics.record_retry(_step_of(task, delivery, settings.pool), exc)
@@ -323,7 +328,9 @@ def render(
     jobs: Mapping[stages.Key, GenerationRequest], settings: Settings, worker: str
 ) -> dict[stages.Key, stages.NewImage]:
     """Each job's image, in one diffusers call per tier and set of generation parameters
-    (size, steps, guidance), at most the tier's ``max_batch`` prompts a call."""
+    (size, steps, guidance), at most the tier's ``max_batch`` prompts a call. When the image
+    store gives out, the images written before have no rows: they are removed, and made again
+    with the rest when the outage is retried."""
     groups: dict[tuple[str, int, int, int, float | None], list[stages.Key]] = {}
     for (request_id, tier), job in jobs.items():
         spec = settings.pool[tier]
@@ -333,28 +340,34 @@ def render(
             (request_id, tier)
         )
     images: dict[stages.Key, stages.NewImage] = {}
-    for (tier, width, height, steps, guidance), keys in groups.items():
-        size = settings.pool[tier].max_batch or settings.generate_batch_size
-        for chunk in (keys[i : i + size] for i in range(0, len(keys), size)):
-            started = time.perf_counter()
-            pictures = generate_many(
-                pipeline_for(tier, settings),
-                [jobs[key].prompt for key in chunk],
-                [jobs[key].seed for key in chunk],
-                width=width,
-                height=height,
-                steps=steps,
-                guidance_scale=guidance,
-            )
-            # What each request waited for: the whole call.
-            latency_ms = (time.perf_counter() - started) * 1000.0
-            for (request_id, _), picture in zip(chunk, pictures, strict=True):
-                images[(request_id, tier)] = stages.NewImage(
-                    model=model_for(tier, settings),
-                    image_path=image_store().save(request_id, tier, picture),
-                    latency_ms=latency_ms,
-                    worker=worker,
+    try:
+        for (tier, width, height, steps, guidance), keys in groups.items():
+            size = settings.pool[tier].max_batch or settings.generate_batch_size
+            for chunk in (keys[i : i + size] for i in range(0, len(keys), size)):
+                started = time.perf_counter()
+                pictures = generate_many(
+                    pipeline_for(tier, settings),
+                    [jobs[key].prompt for key in chunk],
+                    [jobs[key].seed for key in chunk],
+                    width=width,
+                    height=height,
+                    steps=steps,
+                    guidance_scale=guidance,
                 )
+                # What each request waited for: the whole call.
+                latency_ms = (time.perf_counter() - started) * 1000.0
+                for (request_id, _), picture in zip(chunk, pictures, strict=True):
+                    images[(request_id, tier)] = stages.NewImage(
+                        model=model_for(tier, settings),
+                        image_path=image_store().save(request_id, tier, picture),
+                        latency_ms=latency_ms,
+                        worker=worker,
+                    )
+    except StoreUnavailable as exc:
+        metrics.record_store_outage(exc)
+        for image in images.values():
+            image_store().remove(image.image_path)
+        raise
     return images
 
 
@@ -433,9 +446,11 @@ def sweep() -> int:
     retry_backoff_max=60,
     max_retries=5,
 )
-def callback(self: Task, request_id: str) -> str | None:
+def callback(self: Task, request_id: str, refusals: int = 0) -> str | None:
     """Make the next attempt of a request's callback; its delivery's state after it."""
-    state = callbacks.deliver(request_id, get_settings(), worker=self.request.hostname)
+    state = callbacks.deliver(
+        request_id, get_settings(), worker=self.request.hostname, refusals=refusals
+    )
     return None if state is None else state.value
 
 
