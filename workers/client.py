@@ -6,10 +6,12 @@ pydantic models below mirror the API's JSON); every refusal, and every failure t
 answer, is raised as one exception type, ``APIError``, carrying the RFC 9457 problem details
 the API sent (status, title, detail, the offending field).
 
-Retries. A 5xx answer or a connection error is retried with exponential backoff and jitter
-(``RetryPolicy``). ``submit`` always sends an ``Idempotency-Key`` (a new UUID when the caller
-gives none) and re-sends the same key on every retry, so a request whose answer was lost on
-the way back is found again, not made twice.
+Retries. A connection error, a 5xx answer or a 429 is retried with exponential backoff and
+jitter for up to 30 s (``RetryPolicy``): long enough for an ordinary restart of the API. A
+``Retry-After`` the server sends (seconds or an HTTP date) is waited out instead. ``submit``
+always sends an ``Idempotency-Key`` (a new UUID when the caller gives none) and re-sends the
+same key on every retry, so a request whose answer was lost on the way back is found again,
+not made twice.
 
 Example::
 
@@ -36,12 +38,14 @@ And with asyncio::
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -289,34 +293,72 @@ class WaitTimeout(APIError, TimeoutError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how patiently a call is retried after a 5xx answer or a connection
-    error: ``attempts`` tries in all, the wait before retry n drawn between half and all of
-    ``backoff * 2**(n-1)`` seconds, at most ``max_backoff`` (a ``Retry-After`` the server
-    sends is honoured up to that). Jitter keeps many clients that failed together from
-    coming back together."""
+    """How a call is retried after a connection error, a 5xx answer or a 429: for up to
+    ``window`` seconds after its first try (30 by default: an API restarted under load was
+    down for 3), in at most ``attempts`` tries when that is given. The wait before retry n is
+    drawn between half and all of ``backoff * 2**(n-1)`` seconds, at most ``max_backoff``;
+    jitter keeps many clients that failed together from coming back together. A
+    ``Retry-After`` the server sends (delta-seconds or an HTTP date) is waited out: the wait
+    is the longer of it and the backoff's; one that ends past the window gives up at once,
+    with the server's answer."""
 
-    attempts: int = 4
+    attempts: int | None = None
     backoff: float = 0.5
-    max_backoff: float = 8.0
+    max_backoff: float = 5.0
+    window: float = 30.0
 
-    def delay(self, retry: int, response: httpx.Response | None = None) -> float:
-        stated = _retry_after(response)
-        if stated is not None:
-            return min(stated, self.max_backoff)
+    def delay(self, retry: int) -> float:
+        """The backoff's wait before retry ``retry`` (1 for the first)."""
         step = min(self.max_backoff, self.backoff * 2.0 ** (retry - 1))
         return random.uniform(step / 2, step)
 
 
 def _retry_after(response: httpx.Response | None) -> float | None:
+    """The seconds a response's ``Retry-After`` asks for (RFC 9110, 10.2.3: delta-seconds
+    or an HTTP date), or None where it has none that reads as either."""
     value = None if response is None else response.headers.get("Retry-After")
+    if value is None:
+        return None
     try:
-        return None if value is None else max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        return None  # an HTTP date: the backoff's own wait instead
+        pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, as an HTTP date always is
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _retryable(response: httpx.Response) -> bool:
-    return response.status_code >= 500
+    return response.status_code == 429 or response.status_code >= 500
+
+
+class _Retries:
+    """One call's retries under a policy: how long to wait after each failed try, and when
+    to stop."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.tries = 0
+        self._deadline = time.monotonic() + policy.window
+
+    def wait(self, response: httpx.Response | None = None) -> float | None:
+        """Seconds to wait before trying again after a try that failed (with ``response``, or
+        None for no answer); None to give up."""
+        self.tries += 1
+        if self.policy.attempts is not None and self.tries >= self.policy.attempts:
+            return None
+        left = self._deadline - time.monotonic()
+        stated = _retry_after(response)
+        # Sooner than the server asked would only be refused again.
+        if left <= 0 or (stated is not None and stated > left):
+            return None
+        return min(max(stated or 0.0, self.policy.delay(self.tries)), left)
 
 
 @dataclass(frozen=True)
@@ -427,8 +469,10 @@ class _Polling:
 
 class _Base:
     def __init__(self, api_key: str | None, retry: RetryPolicy) -> None:
-        if retry.attempts < 1:
+        if retry.attempts is not None and retry.attempts < 1:
             raise ValueError("a retry policy needs at least one attempt")
+        if retry.window < 0:
+            raise ValueError("a retry policy's window is no negative time")
         self.retry = retry
         self._headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         if api_key is not None:
@@ -444,7 +488,8 @@ class Client(_Base):
     :param base_url: where the API listens, e.g. ``http://127.0.0.1:8000``.
     :param api_key: sent as ``Authorization: Bearer <key>`` (``t2iroute keys create``).
     :param timeout: seconds for each of connect, read, write and pool.
-    :param retry: retries after 5xx answers and connection errors.
+    :param retry: retries after connection errors and 5xx and 429 answers (``RetryPolicy``:
+        by default for up to 30 s, honouring ``Retry-After``).
     :param transport: an httpx transport (``httpx.MockTransport`` in a test, a proxy, ...).
 
     Use it as a context manager, or call ``close()``::
@@ -481,22 +526,24 @@ class Client(_Base):
         self._http.close()
 
     def _send(self, call: _Call) -> httpx.Response:
-        """Send a call, retrying 5xx answers and connection errors; the answer, checked."""
-        for attempt in range(1, self.retry.attempts + 1):
-            last = attempt == self.retry.attempts
+        """Send a call, retrying connection errors and 5xx and 429 answers; the answer,
+        checked."""
+        retries = _Retries(self.retry)
+        while True:
             try:
                 response = self._http.request(
                     call.method, call.path, params=call.params, json=call.json, headers=call.headers
                 )
             except httpx.TransportError as exc:
-                if last:
-                    raise _no_answer(call, exc, attempt) from exc
-                time.sleep(self.retry.delay(attempt))
+                wait = retries.wait()
+                if wait is None:
+                    raise _no_answer(call, exc, retries.tries) from exc
+                time.sleep(wait)
                 continue
-            if last or not _retryable(response):
+            wait = retries.wait(response) if _retryable(response) else None
+            if wait is None:
                 return _checked(response)
-            time.sleep(self.retry.delay(attempt, response))
-        raise AssertionError("unreachable: the last attempt returns or raises")
+            time.sleep(wait)
 
     def submit(
         self,
@@ -687,21 +734,22 @@ class AsyncClient(_Base):
         await self._http.aclose()
 
     async def _send(self, call: _Call) -> httpx.Response:
-        for attempt in range(1, self.retry.attempts + 1):
-            last = attempt == self.retry.attempts
+        retries = _Retries(self.retry)
+        while True:
             try:
                 response = await self._http.request(
                     call.method, call.path, params=call.params, json=call.json, headers=call.headers
                 )
             except httpx.TransportError as exc:
-                if last:
-                    raise _no_answer(call, exc, attempt) from exc
-                await asyncio.sleep(self.retry.delay(attempt))
+                wait = retries.wait()
+                if wait is None:
+                    raise _no_answer(call, exc, retries.tries) from exc
+                await asyncio.sleep(wait)
                 continue
-            if last or not _retryable(response):
+            wait = retries.wait(response) if _retryable(response) else None
+            if wait is None:
                 return _checked(response)
-            await asyncio.sleep(self.retry.delay(attempt, response))
-        raise AssertionError("unreachable: the last attempt returns or raises")
+            await asyncio.sleep(wait)
 
     async def submit(
         self,
