@@ -21,6 +21,14 @@ How a callback is made reliable:
 * **Short and plain.** The whole exchange (connect, send, status line) must fit
   ``callback_timeout_seconds`` (5 s); the response body is not read; redirects are not
   followed (a 3xx is a failed attempt); only http and https URLs are called.
+* **Internal addresses refused** (``workers.egress``). The host is resolved within the
+  exchange's deadline, and the attempt fails for good when any of its addresses is loopback,
+  private, link-local or otherwise internal (unless ``callback_allowed_networks`` allows
+  it): a retry would only give a name that rebinds more tries. A name that does not resolve
+  is a failed attempt, retried. The POST goes to an address that was checked, never to the
+  name, which could resolve otherwise the second time; ``Host``, TLS's server name and the
+  certificate check keep the name. Proxies of the environment are not used, so that
+  nothing resolves the name again.
 
 The signature, for receivers: the headers ``X-T2IRoute-Timestamp`` (Unix seconds) and
 ``X-T2IRoute-Signature: sha256=<hex>``, the HMAC-SHA256 of ``"<timestamp>.<body>"`` under
@@ -30,13 +38,16 @@ for a request made without one). ``verify_signature`` checks both."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import random
+import socket
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -50,7 +61,7 @@ from db import queries
 from db.models import CallbackState, Status
 from db.queries import CallbackClaim, CallbackOutcome
 from db.session import session_scope
-from workers import metrics
+from workers import egress, metrics
 from workers.celery_app import TASK_CALLBACK, app
 from workers.settings import Settings
 
@@ -200,19 +211,60 @@ class _Exchange:
     permanent: bool = False
 
 
-async def _post_async(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
-    async with (
-        asyncio.timeout(timeout),
-        httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client,
-        client.stream("POST", url, content=body, headers=headers) as response,
-    ):
-        return response.status_code
+async def _checked_addresses(
+    host: str, port: int, allowed: egress.AllowList
+) -> list[egress.Address]:
+    """``egress.checked_addresses`` in a thread of its own: the resolver cannot be
+    cancelled, and a lookup that outlives the deadline must not hold the attempt (asyncio's
+    default executor would: ``asyncio.run`` waits for its threads)."""
+    resolver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="callback-resolve")
+    try:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(resolver, egress.checked_addresses, host, port, allowed)
+    finally:
+        resolver.shutdown(wait=False)
 
 
-def _post(url: str, letter: _Letter, attempt: int, timeout: float) -> _Exchange:
+async def _post_async(
+    url: str, body: bytes, headers: dict[str, str], timeout: float, allowed: egress.AllowList
+) -> int:
+    """POST to an address the URL's host resolves to, every one checked first; to the next
+    one when no connection to it can be made."""
+    target = httpx.URL(url)
+    host = target.raw_host.decode("ascii")
+    port = target.port or (443 if target.scheme == "https" else 80)
+    headers = {**headers, "Host": target.netloc.decode("ascii")}
+    # For https the name, not the address, is TLS's server name and what the certificate
+    # must match (httpcore's sni_hostname extension).
+    extensions = {"sni_hostname": host} if target.scheme == "https" else {}
+    async with asyncio.timeout(timeout):
+        *others, last = await _checked_addresses(host, port, allowed)
+        async with httpx.AsyncClient(
+            timeout=timeout, follow_redirects=False, trust_env=False
+        ) as client:
+
+            async def post_to(address: egress.Address) -> int:
+                async with client.stream(
+                    "POST",
+                    target.copy_with(host=str(address)),
+                    content=body,
+                    headers=headers,
+                    extensions=extensions,
+                ) as response:
+                    return response.status_code
+
+            for address in others:
+                with contextlib.suppress(httpx.ConnectError):
+                    return await post_to(address)
+            return await post_to(last)
+
+
+def _post(url: str, letter: _Letter, attempt: int, settings: Settings) -> _Exchange:
     """POST the letter once. httpx's timeouts bound each read and write, not the exchange
     (a receiver trickling its answer could hold it for long), and an attempt must end within
-    its claim: the exchange runs under one asyncio deadline for the whole of it."""
+    its claim: the exchange, the lookup of the host included, runs under one asyncio
+    deadline for the whole of it."""
+    timeout = settings.callback_timeout_seconds
     timestamp = str(int(time.time()))
     headers = {
         "Content-Type": "application/json",
@@ -223,10 +275,17 @@ def _post(url: str, letter: _Letter, attempt: int, timeout: float) -> _Exchange:
     }
     started = time.perf_counter()
     try:
-        status = asyncio.run(_post_async(url, letter.body, headers, timeout))
+        status = asyncio.run(
+            _post_async(url, letter.body, headers, timeout, settings.callback_allowed)
+        )
+    except egress.InternalAddress as exc:
+        duration_ms = (time.perf_counter() - started) * 1000.0
+        return _Exchange(None, f"refused: callback {exc}", duration_ms, permanent=True)
     except TimeoutError:
         error: str | None = f"no answer within {timeout:g} s"
         status_code: int | None = None
+    except socket.gaierror as exc:
+        error, status_code = f"the callback host does not resolve: {exc.strerror}", None
     except (httpx.HTTPError, OSError) as exc:
         error, status_code = f"{type(exc).__name__}: {exc}", None
     else:
@@ -291,7 +350,7 @@ def deliver(request_id: str, settings: Settings, worker: str | None = None) -> C
     if isinstance(letter, str):
         exchange = _Exchange(None, letter, 0.0, permanent=True)
     else:
-        exchange = _post(claim.url, letter, claim.number, settings.callback_timeout_seconds)
+        exchange = _post(claim.url, letter, claim.number, settings)
     with session_scope(settings.database_url) as session:
         outcome, wait = _judge(
             claim,

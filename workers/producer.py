@@ -24,6 +24,7 @@ from sqlalchemy import select
 from db import queries
 from db.models import GenerationRequest, Status
 from db.session import session_scope
+from workers import egress
 from workers.flow import ROUTE, task_id
 from workers.settings import Settings, get_settings
 from workers.views import request_view
@@ -202,7 +203,7 @@ class RequestSpec(BaseModel):
 
     @field_validator("callback_url")
     @classmethod
-    def _callback_url(cls, url: str | None) -> str | None:
+    def _callback_url(cls, url: str | None, info: ValidationInfo) -> str | None:
         if url is None:
             return None
         if not _is_utf8(url):
@@ -225,6 +226,7 @@ class RequestSpec(BaseModel):
         # Credentials in a URL end up in logs; the receiver checks the signature instead.
         if parts.username is not None or parts.password is not None:
             raise ValueError("must not carry credentials (callbacks are signed instead)")
+        _check_callback_host(parts.hostname, _settings(info).callback_allowed)
         return url
 
     @field_validator("metadata", mode="before")
@@ -244,6 +246,23 @@ class RequestSpec(BaseModel):
                 f"has {size} bytes as JSON; the limit is {settings.max_metadata_bytes}"
             )
         return metadata
+
+
+def _check_callback_host(host: str, allowed: egress.AllowList) -> None:
+    """ValueError when a callback host is plainly internal (workers/egress.py): an IP literal
+    of an internal address, in any spelling, or a name only meaningful inside a network.
+    Nothing is looked up here: a name is resolved and checked when the callback is sent."""
+    if allowed.allows_host(host):
+        return
+    address = egress.literal_address(host)
+    if address is not None:
+        if allowed.refusal(address) is not None:
+            raise ValueError(
+                "must not point at a loopback, private or otherwise internal address "
+                f"({address})"
+            )
+    elif egress.internal_name(host):
+        raise ValueError(f"must not point at a local or internal host name ({host})")
 
 
 def _json_problem(value: Any, depth: int) -> str | None:

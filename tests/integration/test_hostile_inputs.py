@@ -12,8 +12,10 @@ surrogates, on the command line and in the API's body and header alike)."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
-from collections.abc import AsyncIterator, Mapping
+import re
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,7 @@ from workers.producer import (
     MAX_SEED,
     MAX_URL_CHARS,
     InvalidRequest,
+    parse_request,
     submit,
 )
 from workers.settings import Settings, get_settings
@@ -125,6 +128,20 @@ def _url(url: object, message: str | None = None, **channels: Any) -> Case:
         message=None if message is None else _invalid("callback_url", message),
         **channels,
     )
+
+
+def _internal(url: str, address: str) -> Case:
+    """A row with a callback URL that points at an internal address, in whatever spelling;
+    the refusal names the address as Python writes it."""
+    named = ipaddress.ip_address(address)
+    return _url(
+        url, f"must not point at a loopback, private or otherwise internal address ({named})"
+    )
+
+
+def _internal_name(url: str, host: str) -> Case:
+    """A row with a callback URL that names a host only meaningful inside a network."""
+    return _url(url, f"must not point at a local or internal host name ({host})")
 
 
 def _metadata(name: str, metadata: object, message: str | None = None, **channels: Any) -> Case:
@@ -455,6 +472,51 @@ HOSTILE = [
     _url("", f"must have 1 to {MAX_URL_CHARS} characters"),
     _url("https://hooks.example.com/\udcff", "must be valid UTF-8 text", cli=NO_SURROGATE),
     _url(17, "Input should be a valid string", cli=PYTHON_ONLY_TYPES),
+    # Callback URLs into the server's own network (server-side request forgery): the
+    # services beside the workers, a cloud's metadata service, in every spelling of an
+    # address that the resolver reads, and names that only mean something inside.
+    _internal("http://127.0.0.1:6379/", "127.0.0.1"),
+    _internal("https://127.0.0.1:8443/hook", "127.0.0.1"),
+    _internal("http://127.0.0.1./", "127.0.0.1"),
+    _internal("http://127.1/", "127.0.0.1"),
+    _internal("http://2130706433/", "127.0.0.1"),
+    _internal("http://0x7f000001/", "127.0.0.1"),
+    _internal("http://0177.0.0.1/", "127.0.0.1"),
+    _internal("http://127.000.000.001/", "127.0.0.1"),
+    _internal("http://[::1]/", "::1"),
+    _internal("http://[0:0:0:0:0:0:0:1]:5432/", "::1"),
+    _internal("http://[::ffff:127.0.0.1]/", "::ffff:127.0.0.1"),
+    _internal("http://[::127.0.0.1]/", "::127.0.0.1"),
+    _internal("http://[64:ff9b::127.0.0.1]/", "64:ff9b::127.0.0.1"),
+    _internal("http://[64:ff9b:1::a00:1]/", "64:ff9b:1::a00:1"),
+    _internal("http://[2002:7f00:1::1]/", "2002:7f00:1::1"),
+    _internal(
+        "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/", "2001:0:4136:e378:8000:63bf:3fff:fdd2"
+    ),
+    _internal("http://0.0.0.0/", "0.0.0.0"),
+    _internal("http://0/", "0.0.0.0"),
+    _internal("http://[::]/", "::"),
+    _internal("http://169.254.169.254/latest/meta-data/", "169.254.169.254"),
+    _internal("http://[fe80::1]/", "fe80::1"),
+    _internal("http://10.0.0.5/", "10.0.0.5"),
+    _internal("http://172.16.0.1/", "172.16.0.1"),
+    _internal("http://172.31.255.254/", "172.31.255.254"),
+    _internal("http://192.168.1.1/", "192.168.1.1"),
+    _internal("http://[fd00::5]/", "fd00::5"),
+    _internal("http://100.64.0.1/", "100.64.0.1"),
+    _internal("http://224.0.0.1/", "224.0.0.1"),
+    _internal("http://[ff02::1]/", "ff02::1"),
+    _internal("http://240.0.0.1/", "240.0.0.1"),
+    _internal("http://255.255.255.255/", "255.255.255.255"),
+    _internal_name("http://localhost:5432/", "localhost"),
+    _internal_name("http://LOCALHOST./", "localhost."),
+    _internal_name("http://api.localhost/", "api.localhost"),
+    _internal_name(
+        "http://metadata.google.internal/computeMetadata/v1/", "metadata.google.internal"
+    ),
+    _internal_name("http://redis:6379/", "redis"),
+    _internal_name("http://printer.local/", "printer.local"),
+    _internal_name("http://router.home.arpa/", "router.home.arpa"),
     # Metadata.
     _metadata("metadata list", ["a", "b"], "must be a JSON object"),
     _metadata("metadata string", '{"a": 1}', "must be a JSON object"),
@@ -523,11 +585,26 @@ VALID = [
     Case("non-ASCII key", options={"idempotency_key": "clé-1"}),
     Case("key of another script", options={"idempotency_key": "注文-17"}),
     _url("https://hooks.example.com:8443/t2i?team=7&x=%C3%A9#frag"),
-    _url("http://127.0.0.1:9000/hook"),
+    _url("http://93.184.216.34/hook"),
+    _url("https://[2606:4700::1111]:8443/hook"),
+    _url("http://[::ffff:93.184.216.34]/hook"),
+    _url("https://hooks.example.com./t2i"),
     _metadata("metadata nested", {"order": {"id": "A-17", "lines": [1, 2.5, True, None]}}),
     _metadata("metadata of another script", {"注文": "é ☕"}),
     _metadata("metadata at the depth limit", _nested(MAX_METADATA_DEPTH)),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_allowed_networks(settings: Settings) -> Iterator[None]:
+    """Every channel reads the settings of an operator that allows no internal network (the
+    test environment allows loopback, for its receivers). After the session's settings
+    (``settings``), which keep the environment's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("T2IROUTE_CALLBACK_ALLOWED_NETWORKS", "")
+        get_settings.cache_clear()
+        yield
+    get_settings.cache_clear()
 
 
 def _rows(url: str) -> list[GenerationRequest]:
@@ -671,3 +748,31 @@ def test_a_non_ascii_key_round_trips_over_http(
     assert first.json()["created"] and not second.json()["created"]
     assert [row.idempotency_key for row in _rows(clean_db)] == ["clé-1"]
     assert clean_redis.llen(settings.queue_route) == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9000/hook",
+        "http://127.1:9000/hook",
+        "http://[::ffff:10.1.2.3]/hook",
+        "http://receiver:8080/hook",
+    ],
+)
+def test_the_operators_allow_list_lets_its_own_receivers_through(url: str) -> None:
+    allowed = Settings(callback_allowed_networks=["127.0.0.0/8", "10.0.0.0/8", "receiver"])
+    assert parse_request(allowed, prompt="a cat", callback_url=url).callback_url == url
+    with pytest.raises(InvalidRequest, match="callback_url: must not point at") as refused:
+        parse_request(Settings(callback_allowed_networks=[]), prompt="a cat", callback_url=url)
+    assert refused.value.problems[0].field == "callback_url"
+
+
+def test_the_allow_list_lets_through_only_what_it_names() -> None:
+    allowed = Settings(callback_allowed_networks=["127.0.0.0/8", "receiver"])
+    for url, message in [
+        ("http://10.0.0.5/", "internal address (10.0.0.5)"),
+        ("http://[::1]/", "internal address (::1)"),
+        ("http://redis:6379/", "internal host name (redis)"),
+    ]:
+        with pytest.raises(InvalidRequest, match=re.escape(message)):
+            parse_request(allowed, prompt="a cat", callback_url=url)
