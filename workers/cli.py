@@ -64,6 +64,23 @@ def _every_command() -> None:
     """Edge-cloud routing for text-to-image generation."""
     # Before any command imports a model library, and so for the workers it starts too.
     _quiet_model_libraries()
+    _refuse_bad_settings()
+
+
+def _refuse_bad_settings() -> None:
+    """Every command starts from settings that validate (an unknown T2IROUTE_ variable
+    included): a refusal is a few plain lines naming each setting, and exit status 2."""
+    from pydantic import ValidationError
+
+    try:
+        Settings()
+    except ValidationError as exc:
+        progress_console.print("t2iroute: the settings are refused:", markup=False)
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            progress_console.print(f"  {where}: {message}", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def _say(text: str) -> None:
@@ -101,12 +118,20 @@ def migrate(
 def worker(
     queues: Annotated[
         str,
-        typer.Option(help="Comma-separated queues by role: route, quality, maintenance, a tier."),
+        typer.Option(
+            help="Comma-separated queues by role: route, quality, maintenance, callbacks, a tier."
+        ),
     ] = "",
     tiers: Annotated[
         str, typer.Option(help="Comma-separated tiers of the pool whose generations to run.")
     ] = "",
-    pool: Annotated[str, typer.Option(help="Celery pool; GPU queues want solo.")] = "prefork",
+    pool: Annotated[
+        str,
+        typer.Option(
+            help="Celery pool; GPU queues want solo, the callbacks queue threads "
+            "(each send mostly waits on its receiver)."
+        ),
+    ] = "prefork",
     concurrency: Annotated[int, typer.Option(min=1)] = 1,
     loglevel: Annotated[str, typer.Option()] = "INFO",
     hostname: Annotated[str | None, typer.Option()] = None,

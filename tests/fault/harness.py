@@ -46,9 +46,9 @@ __all__ = [
     "start",
 ]
 
-# Counts scale with T2IROUTE_FAULT_SCALE (1 by default): below 1 for a quick look, above 1
+# Counts scale with T2IROUTE_TEST_FAULT_SCALE (1 by default): below 1 for a quick look, above 1
 # for a longer run.
-SCALE = float(os.environ.get("T2IROUTE_FAULT_SCALE", "1"))
+SCALE = float(os.environ.get("T2IROUTE_TEST_FAULT_SCALE", "1"))
 
 
 def scaled(n: int) -> int:

@@ -1,4 +1,4 @@
-"""A soak: a thousand requests (T2IROUTE_FAULT_SCALE scales it) through several worker
+"""A soak: a thousand requests (T2IROUTE_TEST_FAULT_SCALE scales it) through several worker
 processes with one-step tiny models; every count reconciles, and the throughput and the
 end-to-end latency are printed."""
 
