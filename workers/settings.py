@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+from collections.abc import Mapping
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -11,6 +15,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from workers.egress import AllowList, split_entries
 from workers.pool import Pool, PoolError, TierSpec, parse_tiers, read_tiers_file
+
+log = logging.getLogger(__name__)
+
+PREFIX = "T2IROUTE_"
+# Variables of the test suite (the test database, Redis numbers, fault-suite scale), which
+# share the prefix but are no settings.
+TEST_PREFIX = "T2IROUTE_TEST_"
 
 
 class Settings(BaseSettings):
@@ -28,6 +39,9 @@ class Settings(BaseSettings):
     # when the settings are read, so that every process of an installation finds the same
     # files whatever its working directory. Unset: the working directory of the process.
     home: Path = Field(default_factory=Path.cwd)
+    # A T2IROUTE_ variable that names no setting (misspelt, or renamed since it was set)
+    # refuses to start, naming the closest setting; "warn" logs it and starts.
+    unknown_variables: Literal["refuse", "warn"] = "refuse"
 
     # Servers. The defaults are the local services of a development machine.
     # URLs carry credentials: left out of the settings' repr, so a log of them shows none.
@@ -224,6 +238,17 @@ class Settings(BaseSettings):
     @classmethod
     def _model_under_home(cls, model: str | None, info: ValidationInfo) -> str | None:
         return None if model is None else resolve_model(model, _home(info))
+
+    @model_validator(mode="after")
+    def _no_unknown_variables(self) -> Settings:
+        unknown = unknown_variables(os.environ, _dotenv(self.model_config.get("env_file")))
+        if unknown and self.unknown_variables == "refuse":
+            raise ValueError(
+                "; ".join(unknown) + " (T2IROUTE_UNKNOWN_VARIABLES=warn starts anyway)"
+            )
+        for problem in unknown:
+            log.warning("%s; ignored", problem)
+        return self
 
     @model_validator(mode="after")
     def _limits_are_ordered(self) -> Settings:
