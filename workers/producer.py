@@ -258,8 +258,7 @@ def _check_callback_host(host: str, allowed: egress.AllowList) -> None:
     if address is not None:
         if allowed.refusal(address) is not None:
             raise ValueError(
-                "must not point at a loopback, private or otherwise internal address "
-                f"({address})"
+                f"must not point at a loopback, private or otherwise internal address ({address})"
             )
     elif egress.internal_name(host):
         raise ValueError(f"must not point at a local or internal host name ({host})")
