@@ -116,7 +116,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 TASK_SCORE: {"queue": settings.queue_quality},
                 TASK_SWEEP: {"queue": settings.queue_maintenance},
                 TASK_RETRAIN: {"queue": settings.queue_maintenance},
-                TASK_CALLBACK: {"queue": settings.queue_maintenance},
+                TASK_CALLBACK: {"queue": settings.queue_callbacks},
             },
             GenerationRoute(settings.pool),
         ),

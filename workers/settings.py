@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     queue_cloud: str = "cloud"
     queue_quality: str = "quality"
     queue_maintenance: str = "maintenance"
+    # Callback sends: I/O-bound, for a worker of their own with many threads, so that a
+    # receiver that never answers holds no sweep, retraining or other tenant's callback.
+    queue_callbacks: str = "callbacks"
 
     # Request limits, checked at the producer.
     max_prompt_chars: int = Field(default=2000, ge=1)
@@ -286,7 +289,12 @@ class Settings(BaseSettings):
             ]
         # A tier's model, like every model setting, is a folder under home or a hub id.
         tiers = [t.model_copy(update={"model": resolve_model(t.model, self.home)}) for t in tiers]
-        reserved = (self.queue_route, self.queue_quality, self.queue_maintenance)
+        reserved = (
+            self.queue_route,
+            self.queue_quality,
+            self.queue_maintenance,
+            self.queue_callbacks,
+        )
         return Pool(tiers, reserved_queues=reserved)
 
     def batching(self, stage: Literal["route", "quality", "generate"]) -> tuple[int, float]:
@@ -300,12 +308,14 @@ class Settings(BaseSettings):
 
     @property
     def queues(self) -> dict[str, str]:
-        """Every queue by what it carries: route, quality, maintenance, and each tier's."""
+        """Every queue by what it carries: route, quality, maintenance, callbacks, and each
+        tier's."""
         return {
             "route": self.queue_route,
             **{tier.name: tier.queue_name for tier in self.pool},
             "quality": self.queue_quality,
             "maintenance": self.queue_maintenance,
+            "callbacks": self.queue_callbacks,
         }
 
 

@@ -59,7 +59,7 @@ def test_requests_done_by_the_pipeline_are_called_back_with_their_answer(
 ) -> None:
     prompts = ("a red bicycle leaning on a wall", "three dogs in the snow")
     with (
-        celery_worker("route,quality,maintenance", "router-callbacks", env=ENV),
+        celery_worker("route,quality,maintenance,callbacks", "router-callbacks", env=ENV),
         celery_worker("edge,cloud", "gpu-callbacks", env=ENV),
     ):
         ids = [
@@ -109,7 +109,7 @@ def test_a_request_no_tier_can_serve_is_called_back_failed_with_the_reason(
         "T2IROUTE_CLOUD_MODEL": str(broken),
     }
     with (
-        celery_worker("route,quality,maintenance", "router-failing", env=env),
+        celery_worker("route,quality,maintenance,callbacks", "router-failing", env=env),
         celery_worker("edge,cloud", "gpu-failing", env=env),
     ):
         request_id = submit("a cactus in a pot", callback_url=hooks.url("/failed")).request_id

@@ -1,5 +1,5 @@
 """Callbacks against a real HTTP receiver on 127.0.0.1, with the real Postgres, Redis and a
-Celery worker on the maintenance queue making the POSTs.
+Celery worker on the callbacks queue making the POSTs.
 
 Requests are ended here by the query functions the pipeline and the API end them with
 (``fail``, the final ``transition_many``, ``cancel``); the callback goes out from the commit
@@ -55,8 +55,8 @@ def hooks() -> Iterator[Receiver]:
 
 @pytest.fixture(scope="module")
 def worker(database: str) -> Iterator[None]:
-    """One solo worker on the maintenance queue: it takes messages in the order sent."""
-    with celery_worker("maintenance", "callbacks", env=CALLBACK_ENV):
+    """One solo worker on the callbacks queue: it takes messages in the order sent."""
+    with celery_worker("callbacks", "callbacks", env=CALLBACK_ENV):
         yield
 
 
@@ -274,7 +274,7 @@ def test_a_message_arriving_while_an_attempt_is_in_flight_sends_nothing(
     message and finds the attempt claimed."""
     path = _path()
     hooks.script(path, [200], delay=1.5)
-    with celery_worker("maintenance", "callbacks-second", env=CALLBACK_ENV):
+    with celery_worker("callbacks", "callbacks-second", env=CALLBACK_ENV):
         request_id = _new_request(hooks.url(path))
         _fail(request_id)
         callbacks.send([request_id, request_id, request_id])
@@ -374,7 +374,8 @@ def test_a_callback_whose_message_was_lost_is_sent_by_the_sweep(
     hooks: Receiver, worker: None, clean_db: str, settings: Settings
 ) -> None:
     """The process that ended the request died between its commit and its send: the
-    delivery is pending with no message. The sweep task finds it overdue and sends it."""
+    delivery is pending with no message. The sweep task, on the maintenance worker, finds it
+    overdue and sends it to the callbacks worker."""
     path = _path()
     request_id = _new_request(hooks.url(path))
     with session_scope(clean_db) as session:
@@ -389,8 +390,9 @@ def test_a_callback_whose_message_was_lost_is_sent_by_the_sweep(
     time.sleep(0.5)
     assert hooks.received(path) == []
 
-    app.send_task(TASK_SWEEP)
-    [call] = hooks.wait_for(path, 1, timeout=30)
+    with celery_worker("maintenance", "callbacks-sweeper", env=CALLBACK_ENV):
+        app.send_task(TASK_SWEEP)
+        [call] = hooks.wait_for(path, 1, timeout=30)
     assert _verifies(call, SECRET)
     _wait_state(request_id, CallbackState.DELIVERED)
     assert _attempts(request_id) == [(1, 200, None)]

@@ -102,7 +102,7 @@ def key(database: str) -> keys.NewKey:
 def pipeline(tiny_models: dict[str, Path], database: str) -> Iterator[None]:
     """Workers for every stage: router, quality and callbacks; both tiers' generation."""
     with (
-        celery_worker("route,quality,maintenance", "client-router"),
+        celery_worker("route,quality,maintenance,callbacks", "client-router"),
         celery_worker("edge,cloud", "client-gpu"),
     ):
         yield
@@ -122,7 +122,7 @@ def test_cancel_ends_a_queued_request_and_its_callback_is_sent(
 ) -> None:
     with (
         receiver() as hooks,
-        celery_worker("maintenance", "client-callbacks"),
+        celery_worker("callbacks", "client-callbacks"),
     ):
         submitted = client.submit(
             "a kite over the dunes", callback_url=hooks.url("/cancelled"), metadata={"job": 3}

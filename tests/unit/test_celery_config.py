@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from workers import broker
 from workers.celery_app import (
+    TASK_CALLBACK,
     TASK_GENERATE,
     TASK_RETRAIN,
     TASK_ROUTE,
@@ -63,6 +64,11 @@ def test_task_routes_are_configuration_from_the_queue_names() -> None:
     assert routes[TASK_ROUTE] == {"queue": "route"}
     assert routes[TASK_SCORE] == {"queue": "clip"}
     assert routes[TASK_SWEEP] == routes[TASK_RETRAIN] == {"queue": "maintenance"}
+    # Callback sends wait on receivers: never in front of a sweep or a retraining.
+    assert routes[TASK_CALLBACK] == {"queue": "callbacks"}
+    assert celery_config(Settings(queue_callbacks="hooks"))["task_routes"][0][TASK_CALLBACK] == {
+        "queue": "hooks"
+    }
     # A generation goes to the queue of the tier it names.
     assert by_tier(TASK_GENERATE, ["id", "edge"], {}, {}) == {"queue": "small-gpu"}
     assert by_tier(TASK_GENERATE, ["id", "cloud"], {}, {}) == {"queue": "big-gpu"}
