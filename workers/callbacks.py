@@ -14,6 +14,13 @@ How a callback is made reliable:
   worker that dies between the receiver's 2xx and its record leaves the attempt unsettled,
   and it is made again once its claim has lapsed: receivers should treat ``request_id`` as
   the key of the event (each request has exactly one).
+* **A few attempts per key at once** (``workers.callback_slots``). Callbacks have a queue
+  and a worker of their own, off the maintenance queue, so that no receiver holds a sweep or
+  a retraining; the worker runs many sends at once (threads). Before an attempt is claimed it
+  takes a slot of its request's API key (at most ``callback_max_in_flight_per_key``), so one
+  key's receiver that never answers holds that many threads and no more. A callback that
+  finds its key's slots taken is no attempt: its message comes back after a short wait
+  (``slot_wait``), and once it has waited ``lost_after_seconds`` the sweep re-sends it.
 * **Retries** with exponential backoff and jitter, up to ``callback_max_attempts``; every
   attempt is a ``callback_attempts`` row. A retry is a message with a countdown, which never
   outlasts the broker's visibility timeout; a longer wait, or a lost message, is picked up
@@ -61,7 +68,7 @@ from db import queries
 from db.models import CallbackState, Status
 from db.queries import CallbackClaim, CallbackOutcome
 from db.session import session_scope
-from workers import egress, metrics
+from workers import callback_slots, egress, metrics
 from workers.celery_app import TASK_CALLBACK, app
 from workers.settings import Settings
 
@@ -75,6 +82,7 @@ __all__ = [
     "resend_overdue",
     "send",
     "sign",
+    "slot_wait",
     "verify_signature",
 ]
 
@@ -94,6 +102,8 @@ EARLY_SECONDS = 1.0
 CLAIM_MARGIN_SECONDS = 30.0
 # Overdue callbacks re-sent per sweep; the rest wait for the next one.
 SWEEP_LIMIT = 1000
+# The first wait of a callback whose key's slots are all taken; it doubles at each refusal.
+SLOT_WAIT_SECONDS = 0.5
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -153,6 +163,21 @@ def backoff(attempt: int, settings: Settings) -> float:
         settings.callback_backoff_seconds * 2.0 ** (attempt - 1),
     )
     return random.uniform(step / 2, step)
+
+
+def slot_wait(refusals: int, settings: Settings) -> float | None:
+    """Seconds a callback that found its key's slots taken ``refusals`` times waits before it
+    asks again: the step doubles from ``SLOT_WAIT_SECONDS`` up to ``callback_timeout_seconds``
+    (within which every attempt holding a slot now has ended) and the wait is drawn between
+    half and all of it. None once the steps waited add up to ``lost_after_seconds``: the
+    callback is then overdue, and the sweep sends it again, so that a long wait never adds
+    a second message to the one already waiting."""
+    steps = [
+        min(settings.callback_timeout_seconds, SLOT_WAIT_SECONDS * 2.0**n) for n in range(refusals)
+    ]
+    if sum(steps[:-1]) >= settings.lost_after_seconds:
+        return None
+    return random.uniform(steps[-1] / 2, steps[-1])
 
 
 def payload(session: Session, request_id: str) -> dict[str, Any]:
@@ -329,10 +354,61 @@ def _judge(
     return outcome(CallbackState.PENDING, exchange.error, now + timedelta(seconds=wait)), wait
 
 
-def deliver(request_id: str, settings: Settings, worker: str | None = None) -> CallbackState | None:
-    """Make the next attempt of a request's callback, if it is due and no other attempt holds
-    it, and schedule the one after when it fails. The delivery's state after the attempt, or
-    None when this message had nothing to send."""
+def deliver(
+    request_id: str, settings: Settings, worker: str | None = None, *, refusals: int = 0
+) -> CallbackState | None:
+    """Make the next attempt of a request's callback, if it is due, no other attempt holds
+    it and its key has a slot free, and schedule the one after when it fails. The delivery's
+    state after the attempt, or None when this message had nothing to send or must wait for
+    a slot (``refusals``: how many times it found the slots taken before)."""
+    with session_scope(settings.database_url) as session:
+        of = _sender_if_due(
+            session, request_id, queries.database_now(session) + timedelta(seconds=EARLY_SECONDS)
+        )
+    if of is None:
+        log.info("callback of %s: delivered, given up, not due or in flight", request_id)
+        metrics.record_callback("duplicate")
+        return None
+    slot = callback_slots.take(
+        settings, of, settings.callback_timeout_seconds + CLAIM_MARGIN_SECONDS
+    )
+    if slot is None:
+        _wait_for_slot(request_id, of, refusals + 1, settings)
+        return None
+    try:
+        return _attempt(request_id, settings, worker)
+    finally:
+        callback_slots.give_back(settings, slot)
+
+
+def _sender_if_due(session: Session, request_id: str, due_by: datetime) -> str | None:
+    """Whose slots the next attempt of a request's callback takes, if one is due by
+    ``due_by`` and not in flight; None when there is nothing to send."""
+    delivery = queries.callback_delivery(session, request_id)
+    if (
+        delivery is None
+        or delivery.state is not CallbackState.PENDING
+        or delivery.next_attempt_at > due_by
+    ):
+        return None
+    request = queries.get_request(session, request_id)
+    return callback_slots.sender(None if request is None else request.api_key_id)
+
+
+def _wait_for_slot(request_id: str, of: str, refusals: int, settings: Settings) -> None:
+    """Send the callback again after a short wait, or leave it to the sweep: not an attempt,
+    so it does not count against ``callback_max_attempts``."""
+    metrics.record_callback("deferred")
+    wait = slot_wait(refusals, settings)
+    if wait is None:
+        log.warning("callback of %s: the slots of %s stay taken; left to the sweep", request_id, of)
+        return
+    log.info("callback of %s: the slots of %s are taken; again in %.1f s", request_id, of, wait)
+    send([request_id], countdown=wait, refusals=refusals)
+
+
+def _attempt(request_id: str, settings: Settings, worker: str | None) -> CallbackState | None:
+    """Claim the next attempt of a request's callback, make it and record how it went."""
     with session_scope(settings.database_url) as session:
         claimed_at = queries.database_now(session)
         claim = queries.claim_callback(
@@ -397,16 +473,25 @@ def _longest_countdown(settings: Settings) -> float:
     return settings.visibility_timeout / 2
 
 
-def send(request_ids: Sequence[str], *, countdown: float | None = None, attempt: int = 1) -> None:
-    """A callback message for each request. A broker that refuses leaves the pending
-    delivery to the sweep, so this never fails its caller."""
+def send(
+    request_ids: Sequence[str],
+    *,
+    countdown: float | None = None,
+    attempt: int = 1,
+    refusals: int = 0,
+) -> None:
+    """A callback message for each request (``refusals``: how many times it found its key's
+    slots taken). A broker that refuses leaves the pending delivery to the sweep, so this
+    never fails its caller."""
     for request_id in request_ids:
         try:
             app.send_task(
                 TASK_CALLBACK,
                 args=[request_id],
+                kwargs={"refusals": refusals} if refusals else None,
                 countdown=countdown,
-                task_id=f"callback/{request_id}/{attempt}",
+                task_id=f"callback/{request_id}/{attempt}"
+                + (f"/wait{refusals}" if refusals else ""),
             )
         except Exception:
             log.warning(

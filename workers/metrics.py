@@ -120,8 +120,11 @@ FailureReason = Literal["time_limit", "out_of_memory", "io", "error"]
 GiveUpReason = Literal["failed_attempts", "worker_died", "messages_lost"]
 #: What became of one attempt to deliver a callback: the receiver answered 2xx; it answered
 #: otherwise; it could not be reached (connection error or timeout); the last attempt failed
-#: and delivery stopped; the callback was delivered before (a redelivered task).
-CallbackOutcome = Literal["delivered", "rejected", "unreachable", "gave_up", "duplicate"]
+#: and delivery stopped; the callback was delivered before (a redelivered task); its API key
+#: had every slot taken, so it waits without an attempt (workers/callback_slots.py).
+CallbackOutcome = Literal[
+    "delivered", "rejected", "unreachable", "gave_up", "duplicate", "deferred"
+]
 
 # --- events: counted in the process that does the work -------------------------------------
 #
@@ -198,7 +201,7 @@ RESENDS = Counter(
 )
 CALLBACKS = Counter(
     "t2iroute_callbacks",
-    "Callback delivery attempts, by outcome",
+    "Callback deliveries, by outcome: attempts, duplicates and waits for a key's slot",
     ["outcome"],
     registry=None,
 )

@@ -195,6 +195,9 @@ class Settings(BaseSettings):
     # The whole exchange with a receiver (connect, send, the status line) must fit this.
     callback_timeout_seconds: float = Field(default=5.0, gt=0.0, le=60.0)
     callback_max_attempts: int = Field(default=8, ge=1, le=100)
+    # Attempts in flight at once per API key (requests without a key share one bound): one
+    # key's dead receiver can hold this many of the callbacks worker's threads, no more.
+    callback_max_in_flight_per_key: int = Field(default=4, ge=1, le=1000)
     # Attempt n+1 waits about BACKOFF * 2**(n-1) seconds after attempt n (jittered), at most
     # BACKOFF_MAX.
     callback_backoff_seconds: float = Field(default=2.0, gt=0.0)

@@ -446,9 +446,11 @@ def sweep() -> int:
     retry_backoff_max=60,
     max_retries=5,
 )
-def callback(self: Task, request_id: str) -> str | None:
+def callback(self: Task, request_id: str, refusals: int = 0) -> str | None:
     """Make the next attempt of a request's callback; its delivery's state after it."""
-    state = callbacks.deliver(request_id, get_settings(), worker=self.request.hostname)
+    state = callbacks.deliver(
+        request_id, get_settings(), worker=self.request.hostname, refusals=refusals
+    )
     return None if state is None else state.value
 
 

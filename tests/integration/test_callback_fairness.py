@@ -26,8 +26,10 @@ from db.session import session_scope
 from tests.receiver import Receiver, receiver
 from tests.services import celery_worker
 from workers import callbacks, keys
+from workers.callback_slots import give_back, sender, take
 from workers.celery_app import TASK_SWEEP, app
 from workers.flow import ROUTE
+from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -227,3 +229,27 @@ def test_a_dead_receiver_of_one_key_delays_neither_another_keys_callback_nor_the
             assert delivery is not None
             attempts += delivery.attempts
     assert attempts == silent.accepted
+
+
+def test_a_callback_that_finds_its_keys_slots_taken_makes_no_attempt_until_one_is_free(
+    clean_db: str, clean_redis: redis.Redis, hooks: Receiver, settings: Settings
+) -> None:
+    key, _ = _key(clean_db)
+    held = [take(settings, sender(key), 60.0) for _ in range(SLOTS)]
+    with celery_worker("callbacks", "slot-wait", env={"T2IROUTE_CALLBACK_SECRET": "s"}):
+        request_id = _ended(clean_db, hooks.url("/waits"), key)
+        time.sleep(2.0)
+        assert hooks.received("/waits") == []
+        with session_scope(clean_db) as session:
+            delivery = queries.callback_delivery(session, request_id)
+            assert delivery is not None and delivery.attempts == 0, "waiting is no attempt"
+
+        freed = held.pop()
+        assert freed is not None
+        give_back(settings, freed)
+        [call] = hooks.wait_for("/waits", 1, timeout=10)
+    assert call.headers["x-t2iroute-attempt"] == "1"
+    with session_scope(clean_db) as session:
+        assert [
+            (a.number, a.status_code) for a in queries.callback_attempts(session, request_id)
+        ] == [(1, 200)]
