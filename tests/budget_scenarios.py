@@ -66,16 +66,17 @@ def pools(draw: st.DrawFn, tiers: int) -> BudgetLimits:
     )
 
 
-def asks(tiers: int, ids: int, size: int) -> st.SearchStrategy[list[Ask]]:
+def ask(tiers: int, ids: int) -> st.SearchStrategy[Ask]:
     names = st.sampled_from([f"t{i}" for i in range(tiers)])
-    return st.lists(
-        st.tuples(
-            st.integers(0, ids),
-            st.lists(names, min_size=1, max_size=tiers, unique=True),
-            st.lists(names, max_size=tiers, unique=True),
-        ),
-        max_size=size,
+    return st.tuples(
+        st.integers(0, ids),
+        st.lists(names, min_size=1, max_size=tiers, unique=True),
+        st.lists(names, max_size=tiers, unique=True),
     )
+
+
+def asks(tiers: int, ids: int, size: int) -> st.SearchStrategy[list[Ask]]:
+    return st.lists(ask(tiers, ids), max_size=size)
 
 
 def decide_all(keeper: BudgetKeeper, requests: Sequence[Ask]) -> list[BudgetDecision]:
@@ -250,3 +251,29 @@ def check_the_reason_names_the_bucket_that_refused_the_first_choice(keeper: Budg
     assert (by_spend.tier, by_spend.reason) == ("small", "wanted huge: budget exhausted")
     by_rate = keeper.decide("r", preference=["medium", "huge"])  # huge: refused by spend
     assert (by_rate.tier, by_rate.reason) == ("small", "wanted medium: rate budget exhausted")
+
+
+def check_a_refund_gives_the_charge_back_once_within_capacity(keeper: BudgetKeeper) -> None:
+    """For two tiers with rho 1 and burst 2 (9 units a request up to 18): a failed request's
+    charges come back once, summed over the ids it was charged under, never beyond C."""
+    charged = keeper.decide("a", preference=CLOUD_FIRST)
+    assert (charged.tier, charged.spent, charged.tokens_left) == ("cloud", 9, 0)
+    assert keeper.refund("a", ["a"]) == 9
+    assert keeper.stats()["spend_tokens"] == 9
+    assert keeper.refund("a", ["a"]) == 0, "a request is refunded once"
+    assert keeper.stats()["spend_tokens"] == 9
+
+    # A request charged twice (its answer, then a reroute) gets both back.
+    keeper.decide("b", preference=CLOUD_FIRST)  # 18 in the bucket, 9 left
+    keeper.decide("b/reroute/generate:edge", preference=CLOUD_FIRST)  # 18, 9 left
+    assert keeper.refund("b", ["b", "b/reroute/generate:edge", "b/escalate/0"]) == 9
+    assert keeper.stats()["spend_tokens"] == 18, "never beyond the capacity"
+
+    # Nothing charged (an edge answer, or markers long expired): nothing given back.
+    keeper.decide("c", preference=["edge"])
+    assert keeper.refund("c", ["c"]) == 0
+    assert keeper.refund("never-decided", ["never-decided"]) == 0
+    stats = keeper.stats()
+    assert (stats["spent"], stats["refunded"], stats["spend_tokens"]) == (27, 18, 18)
+    # The bound holds on what was kept: spend less refunds over N decisions <= B*N + C.
+    assert stats["spent"] - stats["refunded"] <= 9 * stats["requests"] + 18

@@ -34,7 +34,10 @@ they cannot pay for it. Hence the bound above holds for all generations, explora
 included: ``B`` is the whole spend, and the router's own share is what exploration leaves.
 
 Each request's decision is kept under a marker for ``marker_ttl_seconds``, so a redelivered
-routing task gets its first decision back and never spends twice. All router processes must
+routing task gets its first decision back and never spends twice. A request that ends failed
+(no tier could serve it) gets back what it was charged, under its own decision and those of
+its reroutes and escalations, once (a marker of its own) and never beyond the capacity: the
+bound above then holds for what was kept, the spend less the refunds. All router processes must
 share one set of limits; a keeper built with other values would refill the same buckets at
 its own rate, or price the tiers otherwise.
 """
@@ -48,7 +51,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from functools import cached_property
 from typing import Any, NamedTuple
@@ -155,6 +158,30 @@ local decision = cjson.encode({tier = tier, explored = explored, verdict = verdi
                                seq = seq})
 redis.call('SET', KEYS[3], decision, 'NX', 'EX', ARGV[7])
 return decision
+"""
+
+
+# The Lua twin of ``_give_back``: a failed request's charges back into the spend bucket.
+# KEYS: 1 buckets hash, 2 counters hash, 3 this request's refund marker, then the markers of
+#       the decisions that charged it. ARGV: 1 burst, 2 marker TTL in seconds.
+_REFUND_LUA = """
+if not redis.call('SET', KEYS[3], 1, 'NX', 'EX', ARGV[2]) then
+  return 0
+end
+local charged = 0
+for i = 4, #KEYS do
+  local stored = redis.call('GET', KEYS[i])
+  if stored then
+    charged = charged + tonumber(cjson.decode(stored).spent)
+  end
+end
+local spend = tonumber(redis.call('HGET', KEYS[1], 'spend')) or 0
+local back = math.max(0, math.min(tonumber(ARGV[1]), spend + charged) - spend)
+if back > 0 then
+  redis.call('HSET', KEYS[1], 'spend', spend + back)
+  redis.call('HINCRBY', KEYS[2], 'refunded', back)
+end
+return back
 """
 
 
@@ -368,6 +395,13 @@ def _settle(
     return settled, outcome
 
 
+def _give_back(buckets: Buckets, limits: _MicroLimits, charged: int) -> tuple[Buckets, int]:
+    """A failed request's ``charged`` micro-units back into the spend bucket, as far as its
+    capacity allows (``_REFUND_LUA`` in Python); the buckets after, and what went back."""
+    back = max(0, min(limits.burst, buckets.spend + charged) - buckets.spend)
+    return replace(buckets, spend=buckets.spend + back), back
+
+
 def _decision(outcome: _Outcome, sequence: int) -> BudgetDecision:
     verdict = outcome.verdict
     refusal = f"wanted {outcome.wanted}: {_REFUSALS[verdict]}" if verdict != GRANTED else ""
@@ -461,6 +495,19 @@ class BudgetKeeper(ABC):
         explored = tuple((tier, extra[tier]) for tier in dict.fromkeys(map(str, explore)))
         return _Plan(tuple(ranked), explored)
 
+    def refund(self, request_id: str, charges: Sequence[str]) -> float:
+        """Give back what a request that failed was charged: the extra cost of the decisions
+        named ``charges`` (the ids it was decided under: its own, its reroutes', its
+        escalations'), into the spend bucket, never beyond its capacity. Once per request: a
+        second call gives nothing. Returns the units given back. A decision whose marker has
+        expired is not known any more and gives nothing; a backend failure gives nothing
+        either and does not raise (the spend stays counted: the keeper fails closed)."""
+        if not request_id:
+            raise ValueError("a refund needs a request id")
+        if isinstance(charges, str):
+            raise TypeError("charges is a sequence of decision ids, not one id")
+        return self._refund(request_id, list(dict.fromkeys(charges))) / MICRO
+
     def _unreachable(self, request_id: str, exc: Exception) -> BudgetDecision:
         reason = f"budget keeper unavailable: {type(exc).__name__}: {exc}"
         cheapest = self.limits.cheapest
@@ -470,8 +517,8 @@ class BudgetKeeper(ABC):
         )
 
     def stats(self) -> dict[str, float]:
-        """Units in each bucket as of the last decision, the extra cost spent, and the
-        decisions, explorations, routes and generations (explorations included) per tier.
+        """Units in each bucket as of the last decision, the extra cost spent and given back,
+        and the decisions, explorations, routes and generations (explorations included) per tier.
 
         The rate bucket is shown as stored, not refilled to now, so that reading the stats
         needs no clock of its own.
@@ -486,6 +533,7 @@ class BudgetKeeper(ABC):
         result |= {
             "requests": float(counters.get("requests", 0)),
             "spent": counters.get("spent", 0) / MICRO,
+            "refunded": counters.get("refunded", 0) / MICRO,
             "explored": float(counters.get("explored", 0)),
         }
         for tier in self.limits.tier_costs:
@@ -500,6 +548,10 @@ class BudgetKeeper(ABC):
 
     @abstractmethod
     def _decide(self, request_id: str, plan: _Plan) -> BudgetDecision: ...
+
+    @abstractmethod
+    def _refund(self, request_id: str, charges: Sequence[str]) -> int:
+        """Micro-units given back."""
 
     @abstractmethod
     def _snapshot(self) -> tuple[Buckets, Mapping[str, int]]: ...
@@ -548,9 +600,11 @@ class RedisBudgetKeeper(BudgetKeeper):
         super().__init__(limits, marker_ttl_seconds)
         self._redis = redis
         self._script = redis.register_script(_DECIDE_LUA)
+        self._refund_script = redis.register_script(_REFUND_LUA)
         self._buckets_key = f"{key_prefix}:buckets"
         self._counters_key = f"{key_prefix}:counters"
         self._marker_prefix = f"{key_prefix}:decision:"
+        self._refund_prefix = f"{key_prefix}:refund:"
 
     def _call(self, request_id: str, plan: _Plan, client: Any = None) -> Any:
         keys = [self._buckets_key, self._counters_key, self._marker_prefix + request_id]
@@ -584,6 +638,19 @@ class RedisBudgetKeeper(BudgetKeeper):
             for (request_id, _), reply in zip(plans, replies, strict=True)
         ]
 
+    def _refund(self, request_id: str, charges: Sequence[str]) -> int:
+        keys = [self._buckets_key, self._counters_key, self._refund_prefix + request_id]
+        keys += [self._marker_prefix + charge for charge in charges]
+        try:
+            return int(
+                self._refund_script(
+                    keys=keys, args=[self._micro_limits.burst, self._marker_ttl_seconds]
+                )
+            )
+        except RedisError as exc:
+            logger.warning("budget keeper unavailable: %s keeps its charge: %s", request_id, exc)
+            return 0
+
     @staticmethod
     def _parse(raw: Any) -> BudgetDecision:
         stored: dict[str, Any] = json.loads(raw)
@@ -609,13 +676,13 @@ class RedisBudgetKeeper(BudgetKeeper):
         )
 
     def reset(self) -> None:
-        pattern = _escape_glob(self._marker_prefix) + "*"
         batch: list[Any] = []
-        for key in self._redis.scan_iter(match=pattern, count=1000):
-            batch.append(key)
-            if len(batch) == 1000:
-                self._redis.delete(*batch)
-                batch.clear()
+        for prefix in (self._marker_prefix, self._refund_prefix):
+            for key in self._redis.scan_iter(match=_escape_glob(prefix) + "*", count=1000):
+                batch.append(key)
+                if len(batch) == 1000:
+                    self._redis.delete(*batch)
+                    batch.clear()
         self._redis.delete(self._buckets_key, self._counters_key, *batch)
 
 
@@ -643,12 +710,19 @@ class LocalBudgetKeeper(BudgetKeeper):
         self._counters: Counter[str] = Counter()
         # request id -> (expiry, decision); expiries grow in insertion order (one TTL).
         self._markers: OrderedDict[str, tuple[int, BudgetDecision]] = OrderedDict()
+        # request id -> expiry of its refund's marker, in the same order.
+        self._refunds: OrderedDict[str, int] = OrderedDict()
+
+    def _expire(self, now: int) -> None:
+        while self._markers and next(iter(self._markers.values()))[0] <= now:
+            self._markers.popitem(last=False)
+        while self._refunds and next(iter(self._refunds.values())) <= now:
+            self._refunds.popitem(last=False)
 
     def _decide(self, request_id: str, plan: _Plan) -> BudgetDecision:
         with self._lock:
             now = self._clock()
-            while self._markers and next(iter(self._markers.values()))[0] <= now:
-                self._markers.popitem(last=False)
+            self._expire(now)
             if request_id in self._markers:
                 return self._markers[request_id][1]
             self._buckets, outcome = _settle(self._buckets, self._micro_limits, now, plan)
@@ -664,6 +738,23 @@ class LocalBudgetKeeper(BudgetKeeper):
             self._markers[request_id] = (now + self._marker_ttl_seconds * MICRO, decision)
             return decision
 
+    def _refund(self, request_id: str, charges: Sequence[str]) -> int:
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            if request_id in self._refunds:
+                return 0
+            self._refunds[request_id] = now + self._marker_ttl_seconds * MICRO
+            charged = sum(
+                round(self._markers[charge][1].spent * MICRO)
+                for charge in charges
+                if charge in self._markers
+            )
+            self._buckets, back = _give_back(self._buckets, self._micro_limits, charged)
+            if back:
+                self._counters["refunded"] += back
+            return back
+
     def _snapshot(self) -> tuple[Buckets, Mapping[str, int]]:
         with self._lock:
             return self._buckets, dict(self._counters)
@@ -673,6 +764,7 @@ class LocalBudgetKeeper(BudgetKeeper):
             self._buckets = Buckets()
             self._counters.clear()
             self._markers.clear()
+            self._refunds.clear()
 
 
 def budget_keeper_from_settings(settings: Settings) -> BudgetKeeper:

@@ -434,6 +434,11 @@ SPENT = Family(
     "Cost units spent above the cheapest tier, explorations included",
     "counter",
 )
+REFUNDED = Family(
+    "t2iroute_budget_refunded_units",
+    "Cost units given back to the spend bucket for requests that failed (no tier served them)",
+    "counter",
+)
 BUDGET_DECISIONS = Family(
     "t2iroute_budget_decisions",
     "Decisions the budget keeper made; each adds the budget per request to the spend bucket",
@@ -495,6 +500,7 @@ STATE_FAMILIES: tuple[Family, ...] = (
     ALPHA,
     TOKENS,
     SPENT,
+    REFUNDED,
     BUDGET_DECISIONS,
     BUDGET_EXPLORATIONS,
     BUDGET_ROUTES,
@@ -665,6 +671,7 @@ class BudgetCollector(StateCollector):
         TIER_EXTRA,
         TOKENS,
         SPENT,
+        REFUNDED,
         BUDGET_DECISIONS,
         BUDGET_EXPLORATIONS,
         BUDGET_ROUTES,
@@ -704,6 +711,7 @@ class BudgetCollector(StateCollector):
         yield tokens
         for family, key in (
             (SPENT, "spent"),
+            (REFUNDED, "refunded"),
             (BUDGET_DECISIONS, "requests"),
             (BUDGET_EXPLORATIONS, "explored"),
         ):

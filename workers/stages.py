@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from db import queries
@@ -471,9 +472,47 @@ class Escalation:
         if dearer[0] in scored:
             return dearer[0]
         granted = self.budget.decide(
-            f"{decision.request_id}/escalate/{made}", preference=[dearer[0]]
+            _escalation_charge(decision.request_id, made), preference=[dearer[0]]
         )
         return dearer[0] if granted.tier == dearer[0] else None
+
+
+def _reroute_charge(request_id: str, step: Step) -> str:
+    """The id the budget keeper charges a reroute away from ``step`` under."""
+    return f"{request_id}/reroute/{step.key}"
+
+
+def _escalation_charge(request_id: str, made: int) -> str:
+    """The id the budget keeper charges a request's escalation number ``made`` under."""
+    return f"{request_id}/escalate/{made}"
+
+
+def charges(request_id: str, pool: Pool, decision: RoutingDecision | None) -> list[str]:
+    """Every id the budget keeper may have charged a request under: its routing decision, a
+    reroute away from each tier, each escalation it made."""
+    made = len(decision.escalations) if decision is not None else 0
+    return [
+        request_id,
+        *(_reroute_charge(request_id, flow.generate(tier)) for tier in pool.names),
+        *(_escalation_charge(request_id, n) for n in range(made)),
+    ]
+
+
+def _fail(
+    session: Session,
+    request_id: str,
+    reason: str,
+    budget: BudgetKeeper,
+    pool: Pool,
+    decision: RoutingDecision | None,
+) -> None:
+    """Fail the request with the reason. No tier served it, so once the failure is committed
+    the budget keeper gives back what it was charged (once per request; a rolled-back
+    failure gives nothing)."""
+    if not queries.fail(session, request_id, reason):
+        return
+    ids = charges(request_id, pool, decision)
+    event.listen(session, "after_commit", lambda _: budget.refund(request_id, ids), once=True)
 
 
 def give_up(
@@ -488,10 +527,10 @@ def give_up(
     exploration tier is dropped on the side. The answer's tier is replaced by the next tier
     of the decision's ranking that has not failed it and is in service: one already generated
     for exploration first (it costs nothing more), else the best the budget grants. Anything
-    else fails the request with the reason."""
+    else fails the request with the reason, and its budget is given back."""
     decision = queries.get_decision(session, request_id, for_update=True)
     if step.tier is None or decision is None:
-        queries.fail(session, request_id, reason)
+        _fail(session, request_id, reason, budget, pool, decision)
         return []
     if step.tier == decision.escalating_to:
         # The escalated tier could not make its image: the answer already made stands.
@@ -507,7 +546,7 @@ def give_up(
         queries.finish_step(session, request_id, step.key, StepStatus.ABANDONED)
         return []
     if step.kind == "score":
-        queries.fail(session, request_id, reason)
+        _fail(session, request_id, reason, budget, pool, decision)
         return []
     queries.finish_step(session, request_id, step.key, StepStatus.FAILED)
     given_up = (StepStatus.FAILED, StepStatus.ABANDONED)
@@ -523,13 +562,15 @@ def give_up(
     if made:
         replacement = made[0]
     elif candidates:
-        granted = budget.decide(f"{request_id}/reroute/{step.key}", preference=candidates)
+        granted = budget.decide(_reroute_charge(request_id, step), preference=candidates)
         if granted.tier not in candidates:
-            queries.fail(session, request_id, f"{reason}; no tier to replace it: {granted.reason}")
+            why = f"{reason}; no tier to replace it: {granted.reason}"
+            _fail(session, request_id, why, budget, pool, decision)
             return []
         replacement = granted.tier
     else:
-        queries.fail(session, request_id, f"{reason}; no other tier in service")
+        why = f"{reason}; no other tier in service"
+        _fail(session, request_id, why, budget, pool, decision)
         return []
     log.warning("request %s rerouted from %s to %s: %s", request_id, step.tier, replacement, reason)
     decision.rerouted_from = step.tier

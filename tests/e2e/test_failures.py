@@ -1,9 +1,11 @@
 """Failures with real Celery workers: a tier whose model cannot load fails none of the
 requests another tier can serve; a request no tier can serve ends ``failed`` with the
-reason. Nothing stays queued or routed."""
+reason, and its budget is given back; a full image store is an outage, which fails nothing.
+Nothing stays queued or routed."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,9 @@ import redis
 from db import queries
 from db.models import Status, StepStatus, TierHealth
 from db.session import session_scope
+from tests.filesystems import FILLER, can_mount, fill, tmpfs
 from tests.services import celery_worker, wait_until_final, wait_until_steps_closed
+from workers.budget import budget_keeper_from_settings
 from workers.producer import submit
 from workers.settings import Settings
 
@@ -108,3 +112,56 @@ def test_a_request_no_tier_can_serve_ends_failed_with_the_reason(
             StepStatus.FAILED,
             StepStatus.ABANDONED,
         }
+    # The cloud was paid for (as the answer or as its replacement) and served nothing: the
+    # charge is given back (issue 18, defect 7).
+    stats = budget_keeper_from_settings(settings).stats()
+    assert stats["spent"] > 0
+    assert stats["refunded"] == stats["spent"]
+
+
+@pytest.mark.skipif(not can_mount(), reason="mounting a tmpfs needs root")
+def test_a_full_image_store_is_an_outage_that_fails_nothing(
+    tiny_models: dict[str, Path],
+    database: str,
+    clean_db: str,
+    settings: Settings,
+    clean_redis: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    """The store is full for longer than two attempts' backoff (2 + 4 s, which used to fail
+    every request): no attempt is counted, no breaker opens, and every request is done once
+    space is back, its image beside its row and no empty folder left (issue 18, defect 7)."""
+    with tmpfs(tmp_path / "images", "200k") as store:
+        fill(store)
+        env = {
+            "T2IROUTE_IMAGE_STORE": str(store),
+            "T2IROUTE_CLOUD_RATIO": "0.5",
+            "T2IROUTE_EXPLORATION_RATE": "0.5",
+            "T2IROUTE_MAX_ATTEMPTS": "2",
+            "T2IROUTE_TIER_FAILURE_THRESHOLD": "2",
+        }
+        with (
+            celery_worker("route,quality", "router-full", env=env),
+            celery_worker("edge,cloud", "gpu-full", env=env),
+        ):
+            ids = [submit(prompt, seed=1).request_id for prompt in PROMPTS]
+            time.sleep(15)
+            with session_scope(clean_db) as session:
+                requests = [queries.get_request(session, rid) for rid in ids]
+                statuses = [r.status if r is not None else None for r in requests]
+                assert statuses == [Status.ROUTED] * len(ids), "a request ended while full"
+                steps = [s for rid in ids for s in queries.steps_of(session, rid)]
+                assert {s.step for s in steps if s.step.startswith("generate:")}
+                assert [(s.step, s.failures) for s in steps if s.failures] == []
+                assert queries.tier_failure_counts(session) == {}
+            (store / FILLER).unlink()
+            states = wait_until_final(ids, timeout=120)
+            wait_until_steps_closed(ids, timeout=60)
+        assert set(states.values()) == {"done"}
+        with session_scope(clean_db) as session:
+            rows = {g.image_path for rid in ids for g in queries.generations_of(session, rid)}
+        files = {p.relative_to(store).as_posix() for p in store.rglob("*.png")}
+        assert files == rows
+        assert sorted(p.name for p in store.iterdir() if p.is_dir()) == sorted(
+            {path.split("/")[0] for path in rows}
+        )

@@ -25,8 +25,10 @@ from tests.budget_scenarios import (
     CLOUD_FIRST,
     FOUR_TIERS,
     TOLERANCE,
+    ask,
     asks,
     check_a_redelivery_keeps_its_first_decision,
+    check_a_refund_gives_the_charge_back_once_within_capacity,
     check_a_refused_choice_gets_the_best_affordable_tier,
     check_burst_accrues_and_is_capped,
     check_every_window_is_bounded,
@@ -111,6 +113,19 @@ def test_a_redelivered_request_gets_its_first_decision_and_spends_once(
     keeper = RedisBudgetKeeper(client, two_tiers(1.0, 5), key_prefix=prefix, marker_ttl_seconds=60)
     check_a_redelivery_keeps_its_first_decision(keeper)
     assert 0 < client.ttl(f"{prefix}:decision:same") <= 60
+
+
+def test_a_failed_requests_charge_is_given_back_once_within_capacity(
+    client: Redis, prefix: str
+) -> None:
+    keeper = RedisBudgetKeeper(client, two_tiers(1.0, 2), key_prefix=prefix, marker_ttl_seconds=60)
+    check_a_refund_gives_the_charge_back_once_within_capacity(keeper)
+    assert 0 < client.ttl(f"{prefix}:refund:a") <= 60
+
+
+def test_a_refund_redis_cannot_take_gives_nothing_back_and_does_not_raise() -> None:
+    keeper = budget_keeper_from_settings(Settings(redis_url="redis://127.0.0.1:1/0"))
+    assert keeper.refund("nobody-home", ["nobody-home"]) == 0
 
 
 def test_a_refused_choice_gets_the_best_tier_the_budget_affords(client: Redis, prefix: str) -> None:
@@ -328,6 +343,7 @@ def test_reset_forgets_buckets_counters_and_markers(client: Redis, prefix: str) 
     keeper = RedisBudgetKeeper(client, two_tiers(1.0, 3), key_prefix=prefix)
     for i in range(3):
         keeper.decide(f"r{i}", preference=["edge"])
+    keeper.refund("r0", ["r0"])
     keeper.reset()
     assert list(client.scan_iter(match=f"{prefix}:*")) == []
     again = keeper.decide("r0", preference=CLOUD_FIRST)
@@ -354,5 +370,34 @@ def test_the_script_decides_as_the_local_keeper_does(
         on_redis = check_the_rules(shared, requests)
         assert on_redis == check_the_rules(local, requests)
         assert shared.stats() == local.stats()
+    finally:
+        _drop(client, name)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_the_script_gives_back_as_the_local_keeper_does(client: Redis, data: st.DataObject) -> None:
+    """Decisions and refunds interleaved: the Lua script and its Python twin give back the
+    same amounts and end with the same buckets."""
+    limits = data.draw(pools(3))
+    steps = data.draw(st.lists(st.one_of(ask(3, ids=15), st.integers(0, 15)), max_size=80))
+    name = _new_prefix()
+    keepers = (RedisBudgetKeeper(client, limits, key_prefix=name), LocalBudgetKeeper(limits))
+    try:
+        outcomes = [
+            [
+                keeper.refund(f"h{step}", [f"h{step}"])
+                if isinstance(step, int)
+                else keeper.decide(f"h{step[0]}", preference=step[1], explore=step[2])
+                for step in steps
+            ]
+            for keeper in keepers
+        ]
+        assert outcomes[0] == outcomes[1]
+        shared, local = (keeper.stats() for keeper in keepers)
+        assert shared == local
+        assert 0 <= shared["spend_tokens"] <= limits.burst
     finally:
         _drop(client, name)

@@ -146,6 +146,45 @@ def test_a_decision_records_a_reroute_only_when_the_granted_tier_is_not_the_one_
             assert tier != wanted and reason == f"{wanted} out of service: {wanted} is broken"
 
 
+def test_a_request_no_tier_can_serve_gets_its_charge_back_once_its_failure_commits(
+    clean_db: str, clean_redis: redis.Redis, settings: Settings
+) -> None:
+    """Issue 18, defect 7: the cloud was charged, its generation gave up and the edge is out
+    of service, so the request fails; what it was charged goes back to the bucket, once, and
+    only when the failure is committed."""
+    budget = _keeper(settings, exploration_rate=0.0, cloud_ratio=1.0)
+    ids = [submit(prompt, seed=i).request_id for i, prompt in enumerate(PROMPTS)]
+    for request_id in ids:
+        _route(clean_db, request_id, settings, budget)
+    with session_scope(clean_db) as session:
+        decisions = [queries.get_decision(session, rid) for rid in ids]
+    request_id = next(d.request_id for d in decisions if d is not None and d.tier == "cloud")
+    charged = budget.stats()
+    _break(clean_db, "edge")
+    step = flow.generate("cloud")
+
+    class RolledBack(Exception):
+        pass
+
+    with pytest.raises(RolledBack), session_scope(clean_db) as session:
+        stages.give_up(session, request_id, step, "broken", budget, settings.pool)
+        raise RolledBack
+    assert _status(clean_db, request_id) is Status.ROUTED
+    assert budget.stats() == charged, "a failure rolled back gave budget back"
+
+    with session_scope(clean_db) as session:
+        assert stages.give_up(session, request_id, step, "broken", budget, settings.pool) == []
+    assert _status(clean_db, request_id) is Status.FAILED
+    refunded = budget.stats()
+    extra = budget.limits.extra_cost("cloud")
+    assert refunded["refunded"] == extra
+    assert refunded["spend_tokens"] == min(budget.limits.burst, charged["spend_tokens"] + extra)
+    # Given up again (a late duplicate): the request is failed already, nothing more back.
+    with session_scope(clean_db) as session:
+        stages.give_up(session, request_id, step, "broken", budget, settings.pool)
+    assert budget.stats() == refunded
+
+
 def test_a_duplicate_of_a_finished_step_is_not_an_attempt(
     clean_db: str, clean_redis: redis.Redis, settings: Settings
 ) -> None:

@@ -17,6 +17,7 @@ from tests.budget_scenarios import (
     TOLERANCE,
     asks,
     check_a_redelivery_keeps_its_first_decision,
+    check_a_refund_gives_the_charge_back_once_within_capacity,
     check_a_refused_choice_gets_the_best_affordable_tier,
     check_burst_accrues_and_is_capped,
     check_every_window_is_bounded,
@@ -215,6 +216,19 @@ def test_a_redelivered_request_gets_its_first_decision_and_spends_once() -> None
 
     clock.advance(1)  # the marker has expired: the request is decided anew
     assert keeper.decide("same", preference=["edge"]).sequence == 2
+
+
+def test_a_failed_requests_charge_is_given_back_once_within_capacity() -> None:
+    clock = FakeClock()
+    keeper = LocalBudgetKeeper(two_tiers(1.0, 2), marker_ttl_seconds=60, clock=clock)
+    check_a_refund_gives_the_charge_back_once_within_capacity(keeper)
+
+    # The refund's marker lives as long as a decision's: after it, a charge long expired
+    # is nothing to give back.
+    clock.advance(60)
+    assert keeper.refund("a", ["a"]) == 0
+    keeper.reset()
+    assert keeper.stats()["refunded"] == 0
 
 
 def test_reset_brings_the_buckets_back_empty() -> None:
