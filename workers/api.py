@@ -47,7 +47,7 @@ from db.models import GenerationRequest, Status
 from db.session import session_scope
 from workers import flow, keys
 from workers.budget import BudgetKeeper, BudgetLimits, budget_redis
-from workers.images import ImageStore
+from workers.images import ImageStore, StoreUnavailable
 from workers.keys import Caller
 from workers.metrics import ACCEPTED, REFUSED, api_exposition
 from workers.producer import (
@@ -803,10 +803,15 @@ def _budget_redis(settings: Settings) -> None:
         budget_redis(settings.redis_url, READY_TIMEOUT_SECONDS).ping()
 
 
+def _image_store(settings: Settings) -> None:
+    ImageStore(settings.image_store).check_writable()
+
+
 READINESS: dict[str, Callable[[Settings], None]] = {
     "database": _database,
     "broker": _broker,
     "budget": _budget_redis,
+    "images": _image_store,
 }
 
 
@@ -817,13 +822,17 @@ class Readiness(BaseModel):
 
 @router.get("/readyz", response_model=Readiness, responses=_problems(503))
 def ready() -> Readiness:
-    """Ready when the database, the broker and the budget Redis answer; else a 503 problem
-    naming what does not (the error itself goes to the log, not to the caller)."""
+    """Ready when the database, the broker and the budget Redis answer and the image store
+    takes a small file; else a 503 problem naming what does not (the error itself goes to the
+    log, not to the caller)."""
     settings = get_settings()
     down: list[FieldProblem] = []
     for name, check in READINESS.items():
         try:
             check(settings)
+        except StoreUnavailable as exc:
+            log.warning("readiness: %s cannot take a file: %s", name, exc)
+            down.append(FieldProblem(name, f"cannot take a file ({exc.reason})"))
         except Exception as exc:
             log.warning("readiness: %s is unreachable", name, exc_info=True)
             down.append(FieldProblem(name, f"unreachable ({type(exc).__name__})"))

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
@@ -19,9 +20,10 @@ from sqlalchemy import select, update
 from db import queries
 from db.models import Dispatch, GenerationRequest, RoutingDecision, Status, StepStatus
 from db.session import session_scope
+from tests.filesystems import FILLER, can_mount, fill, remount, tmpfs
 from workers import flow
 from workers.api import create_app, max_body_bytes
-from workers.settings import Settings
+from workers.settings import Settings, get_settings
 
 pytestmark = pytest.mark.integration
 
@@ -414,10 +416,35 @@ def test_health_readiness_and_metrics(
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ready",
-        "checks": {"database": "ok", "broker": "ok", "budget": "ok"},
+        "checks": {"database": "ok", "broker": "ok", "budget": "ok", "images": "ok"},
     }
     metrics = client.get("/metrics").text
     assert "t2iroute_requests_refused" in metrics
+
+
+@pytest.mark.skipif(not can_mount(), reason="mounting a tmpfs needs root")
+def test_readiness_names_an_image_store_that_cannot_take_a_file(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Issue 18, defect 7: a full or read-only store is an outage /readyz names."""
+    with tmpfs(tmp_path / "images", "64k") as store:
+        monkeypatch.setenv("T2IROUTE_IMAGE_STORE", str(store))
+        get_settings.cache_clear()
+        try:
+            assert client.get("/readyz").status_code == 200
+            fill(store)
+            full = _problem(client.get("/readyz"), 503, "not-ready")
+            assert full["errors"] == [{"field": "images", "detail": "cannot take a file (full)"}]
+            (store / FILLER).unlink()
+            remount(store, "ro")
+            read_only = _problem(client.get("/readyz"), 503, "not-ready")
+            assert read_only["detail"] == "not ready: images: cannot take a file (read_only)"
+            remount(store, "rw")
+            assert client.get("/readyz").status_code == 200
+            assert sorted(store.iterdir()) == [], "the probe left a file behind"
+        finally:
+            monkeypatch.undo()
+            get_settings.cache_clear()
 
 
 def test_openapi_publishes_every_endpoint_with_its_models(client: TestClient) -> None:
