@@ -31,7 +31,7 @@ from workers.settings import Settings, get_settings
 
 SERVER_VARIABLES = ("T2IROUTE_DATABASE_URL", "T2IROUTE_BROKER_URL")
 # (queues, tiers, name): the CPU worker, and one worker for every tier of the pool ("*").
-WORKER_GROUPS = (("route,quality,maintenance", "", "router"), ("", "*", "gpu"))
+WORKER_GROUPS = (("route,quality,maintenance,callbacks", "", "router"), ("", "*", "gpu"))
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def prompts(n: int) -> list[str]:
     return [f"{text} #{i}" for i, text in zip(range(n), itertools.cycle(demo_prompts(None)))]
 
 
-ROUTER = Worker("router", "route,quality,maintenance")
+ROUTER = Worker("router", "route,quality,maintenance,callbacks")
 GPU = Worker("gpu", "edge,cloud")
 
 
