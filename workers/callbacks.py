@@ -299,26 +299,30 @@ def _post(url: str, letter: _Letter, attempt: int, settings: Settings) -> _Excha
         ATTEMPT_HEADER: str(attempt),
     }
     started = time.perf_counter()
+    status_code: int | None = None
+    permanent = False
     try:
-        status = asyncio.run(
+        status_code = asyncio.run(
             _post_async(url, letter.body, headers, timeout, settings.callback_allowed)
         )
     except egress.InternalAddress as exc:
-        duration_ms = (time.perf_counter() - started) * 1000.0
-        return _Exchange(None, f"refused: callback {exc}", duration_ms, permanent=True)
+        error: str | None = f"refused: callback {exc}"
+        permanent = True
+    except UnicodeError:
+        # An empty label, or one over 63 characters: no resolver takes the name, ever.
+        error, permanent = "the callback host is no valid host name", True
     except TimeoutError:
-        error: str | None = f"no answer within {timeout:g} s"
-        status_code: int | None = None
+        error = f"no answer within {timeout:g} s"
     except socket.gaierror as exc:
-        error, status_code = f"the callback host does not resolve: {exc.strerror}", None
+        error = f"the callback host does not resolve: {exc.strerror}"
     except (httpx.HTTPError, OSError) as exc:
-        error, status_code = f"{type(exc).__name__}: {exc}", None
+        error = f"{type(exc).__name__}: {exc}"
     else:
-        status_code = status
-        error = None if 200 <= status < 300 else f"HTTP {status}"
-        if 300 <= status < 400:
-            error = f"HTTP {status}: redirects are not followed"
-    return _Exchange(status_code, error, (time.perf_counter() - started) * 1000.0)
+        error = None if 200 <= status_code < 300 else f"HTTP {status_code}"
+        if 300 <= status_code < 400:
+            error = f"HTTP {status_code}: redirects are not followed"
+    duration_ms = (time.perf_counter() - started) * 1000.0
+    return _Exchange(status_code, error, duration_ms, permanent)
 
 
 def _judge(

@@ -147,6 +147,13 @@ def test_a_name_that_does_not_resolve_is_a_failed_attempt_retried_later(
     assert delivery.next_attempt_at is not None
 
 
+def test_a_name_no_resolver_takes_fails_for_good(clean_db: str, clean_redis: redis.Redis) -> None:
+    request_id = _ended(f"https://{'a' * 64}.example/hook", ALLOWING_NOTHING)
+    assert callbacks.deliver(request_id, ALLOWING_NOTHING) is CallbackState.FAILED
+    _, attempts = _delivery(request_id)
+    assert attempts == [(1, None, "the callback host is no valid host name")]
+
+
 def test_the_post_goes_to_the_address_checked_and_names_the_host(
     hooks: Receiver,
     clean_db: str,
