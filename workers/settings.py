@@ -322,6 +322,31 @@ class Settings(BaseSettings):
         }
 
 
+def unknown_variables(*sources: Mapping[str, str | None]) -> list[str]:
+    """What is wrong with each ``T2IROUTE_`` variable of ``sources`` that names no setting:
+    its name and the closest setting's, so that a renamed or misspelt variable is seen rather
+    than silently left at its default."""
+    known = {PREFIX + name.upper() for name in Settings.model_fields}
+    problems = []
+    for name in sorted({n for source in sources for n in source}):
+        upper = name.upper()
+        if not upper.startswith(PREFIX) or upper in known or upper.startswith(TEST_PREFIX):
+            continue
+        closest = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {closest[0]}?" if closest else ""
+        problems.append(f"{name} is no setting{hint}")
+    return problems
+
+
+def _dotenv(env_file: object) -> dict[str, str | None]:
+    """The variables of the settings' ``.env`` file, which are read like the environment."""
+    if not isinstance(env_file, str | Path) or not Path(env_file).is_file():
+        return {}
+    from dotenv import dotenv_values
+
+    return dict(dotenv_values(env_file))
+
+
 def _home(info: ValidationInfo) -> Path:
     """The home folder validated before the field at hand (declared first for that reason);
     the working directory if home itself was refused, so that only its own error shows."""
