@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 _engines: dict[str, Engine] = {}
@@ -32,6 +32,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 # not fail on a connection the database closed an hour ago.
 _pre_ping = True
 
+# A database that does not answer (a partition, a host gone without a reset) fails a
+# connection attempt after this many seconds, as a refused one fails at once, so that the
+# API answers 503 and the tasks retry instead of waiting for the kernel's TCP timeout. A
+# ``connect_timeout`` in the URL wins.
+CONNECT_TIMEOUT_SECONDS = 10
+
 
 def skip_pre_ping() -> None:
     """No pre-ping for the engines this process creates from now on (worker processes)."""
@@ -45,7 +51,14 @@ def get_engine(url: str) -> Engine:
             engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
-            engine = create_engine(url, pool_pre_ping=_pre_ping, pool_size=5, max_overflow=5)
+            stated = "connect_timeout" in make_url(url).query
+            engine = create_engine(
+                url,
+                pool_pre_ping=_pre_ping,
+                pool_size=5,
+                max_overflow=5,
+                connect_args={} if stated else {"connect_timeout": CONNECT_TIMEOUT_SECONDS},
+            )
         _engines[url] = engine
     return _engines[url]
 
