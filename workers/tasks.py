@@ -65,17 +65,17 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def transient_backoff(retries: int, settings: Settings) -> float | None:
+def transient_backoff(retries: int, settings: Settings, *, endless: bool = False) -> float | None:
     """Seconds before retry ``retries + 1`` after an outage, or None once the
-    retries have covered ``transient_retry_seconds``. Exponential, capped below the
-    visibility timeout (a held message must not be redelivered while it waits), and
-    jittered between half and all of the step so that workers do not return in lockstep;
-    the half that is certain is what must add up to the covered time."""
+    retries have covered ``transient_retry_seconds`` (never, when ``endless``). Exponential,
+    capped below the visibility timeout (a held message must not be redelivered while it
+    waits), and jittered between half and all of the step so that workers do not return in
+    lockstep; the half that is certain is what must add up to the covered time."""
     cap = min(30.0, settings.visibility_timeout / 3)
-    covered = sum(min(cap, 2.0**i) / 2 for i in range(retries))
-    if covered >= settings.transient_retry_seconds:
+    covered = sum(min(cap, 2.0 ** min(i, 32)) / 2 for i in range(retries))
+    if covered >= settings.transient_retry_seconds and not endless:
         return None
-    step = min(cap, 2.0**retries)
+    step = min(cap, 2.0 ** min(retries, 32))
     return random.uniform(step / 2, step)
 
 
@@ -222,7 +222,11 @@ def _retry(
     log.warning("%s: %s; retrying %d deliveries", task.name, exc, len(deliveries))
     for delivery in deliveries:
         metrics.record_retry(_step_of(task, delivery, settings.pool), exc)
-        delay = transient_backoff(delivery.retries, settings)
+        # A store outage leaves the database up, where the sweeper would count each re-send
+        # of a step left to it as a lost message and fail the request after max_resends: it
+        # is retried at the cap for as long as it lasts, its message never out of the broker.
+        endless = isinstance(exc, StoreUnavailable)
+        delay = transient_backoff(delivery.retries, settings, endless=endless)
         if delay is None:
             log.error("%s: left to the sweeper after retries: %s", delivery.task_id, exc)
         else:
