@@ -28,7 +28,7 @@ from multiprocessing.synchronize import Barrier
 
 from redis import Redis
 
-from workers.budget import (
+from workers.services.budget import (
     BudgetKeeper,
     BudgetLimits,
     LocalBudgetKeeper,

@@ -1,7 +1,8 @@
 """Cost of each tier: load time, seconds per image at a few sizes and step counts, peak memory;
 and of the quality worker's CLIP scoring, per image.
 
-Models load through the workers' own code (``workers.pipelines``), so the numbers are those of a
+Models load through the workers' own code (``workers.services.pipelines``), so the numbers are
+those of a
 worker process. Without ``--models`` (or ``--edge``/``--cloud``/``--clip``) the tiny models are
 built into a temporary folder: their numbers measure the framework's overhead, not a real
 model's. Peak memory is the device's peak allocation on CUDA and the process's peak resident
@@ -28,8 +29,8 @@ import torch
 from PIL import Image
 
 from routing.quality import ContrastiveQualityScorer
-from workers.pipelines import generate, load_clip, load_pipeline
-from workers.tiny_models import make_tiny
+from workers.offline.tiny_models import make_tiny
+from workers.services.pipelines import generate, load_clip, load_pipeline
 
 PROMPT = "three blue birds sitting on a wire above two yellow taxis"
 

@@ -67,14 +67,14 @@ from db.session import get_engine
 from routing.quality import ContrastiveQualityScorer
 from tests.fault.servers import PostgresServer, RedisServer
 from tests.fault.stack import Process
-from workers.celery_app import TASK_ROUTE, celery_config
-from workers.celery_app import app as celery_app
-from workers.demo import demo_prompts
-from workers.flow import ROUTE, task_id
-from workers.pipelines import generate, load_clip, load_pipeline
-from workers.producer import submit
+from workers.app.celery_app import TASK_ROUTE, celery_config
+from workers.app.celery_app import app as celery_app
+from workers.app.flow import ROUTE, task_id
+from workers.entrypoints.demo import demo_prompts
+from workers.offline.tiny_models import make_tiny
+from workers.services.pipelines import generate, load_clip, load_pipeline
+from workers.services.producer import submit
 from workers.settings import Settings, get_settings
-from workers.tiny_models import make_tiny
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DATABASE = "t2iroute"
@@ -134,7 +134,14 @@ class Slot:
     def command(self) -> list[str]:
         what = f"--tiers={self.queues}" if self.by_tier else f"--queues={self.queues}"
         return [
-            *(sys.executable, "-m", "workers.cli", "worker", what, f"--pool={self.pool}"),
+            *(
+                sys.executable,
+                "-m",
+                "workers.entrypoints.cli.main",
+                "worker",
+                what,
+                f"--pool={self.pool}",
+            ),
             *(f"--hostname={self.name}@bench", "--loglevel=INFO"),
         ]
 
@@ -189,7 +196,7 @@ class Cluster:
                 conn.execute(f"CREATE ROLE {ROLE_PREFIX}{role} LOGIN SUPERUSER")
             conn.execute(f"CREATE DATABASE {TEMPLATE}")
         subprocess.run(
-            [sys.executable, "-m", "workers.cli", "migrate"],
+            [sys.executable, "-m", "workers.entrypoints.cli.main", "migrate"],
             check=True,
             capture_output=True,
             env={
@@ -309,7 +316,7 @@ def start_layout(deployment: Deployment, cluster: Cluster, batched: bool) -> Non
         deployment.start(slot.name, slot.command(), env)
     # Beat only sends the sweeps; the maintenance worker runs them under its own role.
     env = cluster.environment(deployment.folder, "maintenance", batched)
-    deployment.start("beat", [sys.executable, "-m", "workers.cli", "beat"], env)
+    deployment.start("beat", [sys.executable, "-m", "workers.entrypoints.cli.main", "beat"], env)
     deployment.wait_ready()
 
 
@@ -326,7 +333,7 @@ def noop_app(settings: Settings) -> Celery:
     """An app with the workers' own Celery configuration whose tasks only hand on: a chain
     route -> generate on each tier -> score, every hand-off a message, and a single no-op
     task. The last task of each records its end in Redis (one RPUSH). Its workers import
-    ``workers.celery_app`` (for the configuration), so the workers' signal handlers run
+    ``workers.app.celery_app`` (for the configuration), so the workers' signal handlers run
     around these tasks too."""
     app = Celery("t2iroute_bench")
     app.conf.update(celery_config(settings))

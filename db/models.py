@@ -344,7 +344,8 @@ class RouterEventRow(Base):
 
 
 class ApiKey(Base):
-    """A key of the HTTP API. Only the key's SHA-256 is kept (``workers.keys`` says why that
+    """A key of the HTTP API. Only the key's SHA-256 is kept (``workers.services.keys`` says why
+    that
     is enough for a random key); ``key_prefix`` names it in listings. ``callback_secret``
     signs the callbacks to this key's URLs, so it is kept as it is."""
 
@@ -374,7 +375,7 @@ class CallbackDelivery(Base):
     (``db.queries.record_callbacks``), so an ended request with a callback URL always has
     one, whoever ended it and whatever happened to the message sent after commit. One per
     request. ``next_attempt_at`` is both when the next attempt is due and, while an attempt
-    is in flight, the end of its claim (``workers/callbacks.py``)."""
+    is in flight, the end of its claim (``workers/stages/callbacks.py``)."""
 
     __tablename__ = "callback_deliveries"
 

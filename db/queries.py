@@ -766,7 +766,7 @@ def record_steps_many(session: Session, steps: Sequence[tuple[str, str]]) -> set
 # --- callbacks (the outbox) ------------------------------------------------------------------
 
 #: ``Session.info`` key: the requests whose callback this transaction recorded, which
-#: ``workers.callbacks`` sends once the transaction has committed.
+#: ``workers.stages.callbacks`` sends once the transaction has committed.
 CALLBACKS_TO_SEND = "t2iroute.callbacks_to_send"
 
 

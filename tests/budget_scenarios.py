@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import pytest
 from hypothesis import strategies as st
 
-from workers.budget import (
+from workers.services.budget import (
     MAX_AMOUNT,
     MICRO,
     BudgetDecision,

@@ -19,10 +19,11 @@ def tiny_models() -> dict[str, Path]:
     """The tiny edge, cloud and CLIP models, built once per session where the settings
     (``T2IROUTE_EDGE_MODEL`` and friends) expect them; tier -> model folder.
 
-    ``workers.tiny_models`` is imported here rather than at the top so that suites which never
+    ``workers.offline.tiny_models`` is imported here rather than at the top so that suites which
+    never
     touch a model do not pay for importing diffusers.
     """
-    from workers.tiny_models import make_tiny
+    from workers.offline.tiny_models import make_tiny
 
     return make_tiny(environment.TINY_MODELS)
 

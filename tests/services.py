@@ -18,7 +18,7 @@ import redis
 
 from tests.environment import POSTGRES_ADMIN_URL, SCRATCH, TEST_DATABASE
 from tests.fault.servers import free_port
-from workers.demo import worker_command
+from workers.entrypoints.demo import worker_command
 
 
 def recreate_database(name: str = TEST_DATABASE) -> None:
@@ -51,7 +51,7 @@ def celery_worker(
     ready_timeout: float = 120.0,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A real worker process, up (answering ping) before the block runs, stopped after."""
-    from workers.celery_app import app
+    from workers.app.celery_app import app
 
     log_path = SCRATCH / f"worker-{name}-{os.getpid()}.log"
     hostname = f"{name}-{os.getpid()}@test"
@@ -76,7 +76,15 @@ def api_server(*, env: dict[str, str] | None = None, timeout: float = 120.0) -> 
     stopped after; its base URL. Its output is in ``SCRATCH / "api-PORT.log"``."""
     port = free_port()
     log_path = SCRATCH / f"api-{port}.log"
-    command = ["-m", "workers.cli", "api", "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        "-m",
+        "workers.entrypoints.cli.main",
+        "api",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, *command],

@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     cloud_rate_burst: float = Field(default=10.0, ge=1.0)
     exploration_rate: float = Field(default=0.05, ge=0.0, le=1.0)
     exploration_burst: float = Field(default=2.0, ge=1.0)
-    # Which requests an exploration token is offered to (workers/exploration.py): every one
+    # Which requests an exploration token is offered to (workers/services/exploration.py): every one
     # ("uniform"), or mostly those nearest the decision boundary ("margin"), with this share
     # of the tokens still drawn uniformly for the promotion gate's unbiased estimate.
     exploration_strategy: Literal["uniform", "margin"] = "uniform"
@@ -151,7 +151,8 @@ class Settings(BaseSettings):
     # four GenAI-Bench pairs of five, and at 50 on none (docs/learning.md): below 100 a
     # retrain would only give the gate a tie to refuse.
     retrain_min_pairs: int = Field(default=100, ge=4)
-    # The promotion gate (workers/retrain.py): a candidate must beat the cold-start policy
+    # The promotion gate (workers/services/retraining.py): a candidate must beat the cold-start
+    # policy
     # on held-out labels by this many standard errors (paired bootstrap), and the serving
     # router by any margin.
     gate_min_z: float = Field(default=1.0, ge=0.0)
@@ -161,7 +162,7 @@ class Settings(BaseSettings):
     worker_max_memory_per_child_kb: int | None = None
 
     # Performance. Torch's intra-op threads per worker process; unset, the cores this
-    # process may run on divided by the worker's pool processes (workers/threads.py), so
+    # process may run on divided by the worker's pool processes (workers/app/threads.py), so
     # that the pool never oversubscribes them. Several workers on one host: set it (or pin
     # each worker to its cores with taskset/cpuset, which the default follows).
     torch_threads: int | None = Field(default=None, ge=1)
@@ -179,7 +180,8 @@ class Settings(BaseSettings):
     # Flower.
     flower_basic_auth: str | None = Field(default=None, repr=False)
 
-    # Prometheus (workers/metrics.py). A worker serves its metrics on this port when it is
+    # Prometheus (workers/services/telemetry.py). A worker serves its metrics on this port when it
+    # is
     # set (``t2iroute worker --metrics-port``), on this address; its pool's processes keep
     # their values in a folder of their own (a fresh temporary one when unset), emptied at
     # start. The API serves /metrics itself; its request counts by state read the last
@@ -189,7 +191,7 @@ class Settings(BaseSettings):
     metrics_dir: Path | None = None
     metrics_window: int = Field(default=1000, ge=1, le=10_000)
 
-    # Callbacks (workers/callbacks.py). A request made with an API key is signed with that
+    # Callbacks (workers/stages/callbacks.py). A request made with an API key is signed with that
     # key's secret; one made without, with this server secret (none: such callbacks fail).
     callback_secret: str | None = Field(default=None, repr=False)
     # The whole exchange with a receiver (connect, send, the status line) must fit this.
@@ -360,7 +362,7 @@ def resolve_model(path_or_id: str, home: Path) -> str:
     A relative path is a folder under ``home`` when it exists there or cannot be a hub id:
     it starts with ``.``, or has more than one ``/`` (``namespace/name`` is the hub's form).
     Otherwise it is left to ``from_pretrained`` as a hub id. This is the rule the model
-    loaders apply (workers/pipelines.py), so after it every local model is absolute and a
+    loaders apply (workers/services/pipelines.py), so after it every local model is absolute and a
     missing one can be found before any request needs it."""
     path = Path(path_or_id).expanduser()
     if path.is_absolute():

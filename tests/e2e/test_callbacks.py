@@ -16,8 +16,8 @@ from db.models import CallbackState
 from db.session import session_scope
 from tests.receiver import Received, Receiver, receiver
 from tests.services import celery_worker, wait_until_final
-from workers.callbacks import verify_signature
-from workers.producer import submit
+from workers.services.producer import submit
+from workers.stages.callbacks import verify_signature
 
 pytestmark = pytest.mark.e2e
 

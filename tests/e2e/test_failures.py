@@ -16,8 +16,8 @@ from db.models import Status, StepStatus, TierHealth
 from db.session import session_scope
 from tests.filesystems import FILLER, can_mount, fill, tmpfs
 from tests.services import celery_worker, wait_until_final, wait_until_steps_closed
-from workers.budget import budget_keeper_from_settings
-from workers.producer import submit
+from workers.services.budget import budget_keeper_from_settings
+from workers.services.producer import submit
 from workers.settings import Settings
 
 pytestmark = pytest.mark.e2e
@@ -34,7 +34,7 @@ EXPLORE_ALL = {
 
 
 def _unloadable_model(settings: Settings) -> str:
-    """A model folder a worker starts with (a missing one stops it: workers.runtime
+    """A model folder a worker starts with (a missing one stops it: workers.services.runtime
     .missing_models) and that cannot load: its model_index.json names no pipeline."""
     folder = settings.model_store / "unloadable"
     folder.mkdir(parents=True, exist_ok=True)

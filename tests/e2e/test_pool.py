@@ -15,7 +15,7 @@ from db import queries
 from db.models import Generation, RoutingDecision
 from db.session import session_scope
 from tests.services import celery_worker, wait_until_final, wait_until_steps_closed
-from workers.producer import submit
+from workers.services.producer import submit
 from workers.settings import Settings
 
 pytestmark = pytest.mark.e2e

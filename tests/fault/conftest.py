@@ -38,7 +38,7 @@ def postgres_template() -> Iterator[PostgresServer]:
         with server.connect("postgres") as conn:
             conn.execute(f'CREATE DATABASE "{DATABASE}"')
         subprocess.run(
-            [sys.executable, "-m", "workers.cli", "migrate"],
+            [sys.executable, "-m", "workers.entrypoints.cli.main", "migrate"],
             check=True,
             capture_output=True,
             env={**os.environ, "T2IROUTE_DATABASE_URL": server.url()},

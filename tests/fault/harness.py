@@ -19,7 +19,7 @@ from tests.fault.broker import (
 from tests.fault.reconcile import Reconciliation, reconcile
 from tests.fault.servers import PostgresServer, RedisServer
 from tests.fault.stack import FAULT_ENV, FINAL, Process, Stack, Worker
-from workers.demo import demo_prompts
+from workers.entrypoints.demo import demo_prompts
 
 __all__ = [
     "FAULT_ENV",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from celery import Celery
 
-from workers import celery_app
+from workers.app import celery_app
 from workers.settings import Settings
 
 TASK_HOLD = "tests.hold"

@@ -173,7 +173,7 @@ class Stack:
     # Processes.
 
     def _command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "workers.cli", *args]
+        return [sys.executable, "-m", "workers.entrypoints.cli.main", *args]
 
     def add_worker(self, worker: Worker, env: dict[str, str] | None = None) -> Process:
         """Start a worker; ``wait_ready`` before relying on it."""
@@ -286,7 +286,7 @@ class Stack:
     def send(self, task: str, args: Sequence[str]) -> None:
         """Publish a task message straight to the private broker (a duplicate, say)."""
         if self._app is None:
-            from workers.celery_app import create_app
+            from workers.app.celery_app import create_app
 
             self._app = create_app(self.settings)
         self._app.send_task(task, args=list(args))

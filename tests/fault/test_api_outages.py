@@ -22,7 +22,7 @@ from db.session import session_scope
 from tests import environment
 from tests.fault.servers import PostgresServer, RedisServer
 from tests.services import api_server
-from workers import keys
+from workers.services import keys
 
 pytestmark = pytest.mark.fault
 

@@ -1,5 +1,5 @@
 """Broker loss: a private Redis killed with -9 under a kombu connection and under a worker
-holding a task, the guard of workers/broker.py against kombu's reconnect crash, the
+holding a task, the guard of workers/app/broker.py against kombu's reconnect crash, the
 liveness check, and the broker password kept out of what a worker prints."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from kombu.common import ignore_errors
 
 from tests.fault.hold_worker import TASK_HOLD
 from tests.fault.servers import RedisServer, free_port
-from workers.broker import TRANSPORT
-from workers.liveness import busy_marker
+from workers.app.broker import TRANSPORT
+from workers.app.liveness import busy_marker
 
 pytestmark = pytest.mark.fault
 
@@ -110,7 +110,14 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def _health(hostname: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "workers.cli", "worker-health", "--hostname", hostname]
+    argv = [
+        sys.executable,
+        "-m",
+        "workers.entrypoints.cli.main",
+        "worker-health",
+        "--hostname",
+        hostname,
+    ]
     return subprocess.run(
         [*argv, "--timeout", "2"], capture_output=True, text=True, env=env, check=False
     )

@@ -21,8 +21,8 @@ from db import queries
 from db.models import Dispatch, GenerationRequest, RoutingDecision, Status, StepStatus
 from db.session import session_scope
 from tests.filesystems import FILLER, can_mount, fill, remount, tmpfs
-from workers import flow
-from workers.api import create_app, max_body_bytes
+from workers.app import flow
+from workers.entrypoints.http.app import create_app, max_body_bytes
 from workers.settings import Settings, get_settings
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,8 @@ from tests.environment import SCRATCH
 from tests.fault.servers import free_port
 from tests.integration.test_api import Reply
 from tests.services import api_server
-from workers import cli
-from workers.api import create_app, keys_required_at
+from workers.entrypoints.cli import main as cli
+from workers.entrypoints.http.app import create_app, keys_required_at
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ from db.session import session_scope
 from routing.metrics import METRIC_NAMES
 from tests.integration.conftest import TABLES
 from tests.services import celery_worker, flush_redis
-from workers.api import create_app
+from workers.entrypoints.http.app import create_app
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration

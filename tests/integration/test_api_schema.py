@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.case import Case
 
-from workers.api import create_app
+from workers.entrypoints.http.app import create_app
 
 pytestmark = pytest.mark.integration
 

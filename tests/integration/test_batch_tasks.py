@@ -14,9 +14,10 @@ from sqlalchemy import select
 from db import queries
 from db.models import Dispatch, Status, StepStatus
 from db.session import session_scope
-from workers import flow, tasks
-from workers.batching import Delivery
-from workers.producer import submit
+from workers.app import flow
+from workers.engine import tasks
+from workers.engine.batching import Delivery
+from workers.services.producer import submit
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -41,7 +41,7 @@ from tests.budget_scenarios import (
     pools,
     two_tiers,
 )
-from workers.budget import (
+from workers.services.budget import (
     BudgetDecision,
     BudgetLimits,
     LocalBudgetKeeper,

@@ -23,9 +23,10 @@ from db.models import CallbackDelivery, CallbackState, GenerationRequest, Status
 from db.session import session_scope
 from tests.receiver import Receiver, receiver
 from tests.services import celery_worker
-from workers import callbacks, egress
-from workers.producer import submit
+from workers import egress
+from workers.services.producer import submit
 from workers.settings import Settings
+from workers.stages import callbacks
 
 pytestmark = pytest.mark.integration
 

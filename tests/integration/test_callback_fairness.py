@@ -25,11 +25,12 @@ from db.models import CallbackDelivery, GenerationRequest, Status
 from db.session import session_scope
 from tests.receiver import Receiver, receiver
 from tests.services import celery_worker
-from workers import callbacks, keys
-from workers.callback_slots import give_back, sender, take
-from workers.celery_app import TASK_SWEEP, app
-from workers.flow import ROUTE
+from workers.app.celery_app import TASK_SWEEP, app
+from workers.app.flow import ROUTE
+from workers.services import keys
+from workers.services.callback_slots import give_back, sender, take
 from workers.settings import Settings
+from workers.stages import callbacks
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +124,7 @@ def _key(database: str) -> tuple[int, str]:
 
 def _ended(database: str, url: str, key_id: int | None) -> str:
     """A request with a callback URL, failed: its callback is due at the commit, and sent
-    after it (``workers.callbacks``' after-commit listener, imported here as in every process
+    after it (``workers.stages.callbacks``' after-commit listener, imported here as in every process
     that ends requests)."""
     request_id = str(uuid.uuid4())
     with session_scope(database) as session:

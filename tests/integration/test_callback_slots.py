@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from tests.fault.servers import free_port
-from workers import callback_slots
-from workers.callback_slots import SERVER, give_back, sender, take
+from workers.services import callback_slots
+from workers.services.callback_slots import SERVER, give_back, sender, take
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration

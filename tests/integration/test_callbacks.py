@@ -28,10 +28,11 @@ from db.models import (
 from db.session import session_scope
 from tests.receiver import Received, Receiver, receiver
 from tests.services import celery_worker
-from workers import callbacks, keys
-from workers.celery_app import TASK_SWEEP, app
-from workers.flow import ROUTE
+from workers.app.celery_app import TASK_SWEEP, app
+from workers.app.flow import ROUTE
+from workers.services import keys
 from workers.settings import Settings, get_settings
+from workers.stages import callbacks
 
 pytestmark = pytest.mark.integration
 

@@ -31,9 +31,9 @@ from db.session import session_scope
 from routing.metrics import METRIC_NAMES, METRICS_VERSION
 from tests.labels import seed_training_pairs
 from tests.services import celery_worker
-from workers import cli
-from workers.budget import BudgetLimits
-from workers.producer import InvalidRequest, parse_request
+from workers.entrypoints.cli import main as cli
+from workers.services.budget import BudgetLimits
+from workers.services.producer import InvalidRequest, parse_request
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -387,7 +387,7 @@ def test_report_of_an_empty_window(clean_db: str) -> None:
 
 def _run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        [sys.executable, "-m", "workers.entrypoints.cli.main", *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

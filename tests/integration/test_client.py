@@ -1,4 +1,5 @@
-"""The HTTP client (``workers.client``, sync and async) against the real API: uvicorn in a
+"""The HTTP client (``workers.entrypoints.client``, sync and async) against the real API: uvicorn
+in a
 subprocess on a free loopback port, with the real Postgres and Redis and Celery workers that
 run the whole pipeline on the tiny models. Retries are shown against a small real HTTP proxy
 in front of the API that loses the first answer.
@@ -31,16 +32,16 @@ from db.session import session_scope
 from tests.environment import SCRATCH
 from tests.receiver import receiver
 from tests.services import celery_worker
-from workers import client as api_client
-from workers import keys
-from workers.callbacks import verify_signature
-from workers.client import (
+from workers.entrypoints import client as api_client
+from workers.entrypoints.client import (
     APIError,
     AsyncClient,
     Client,
     RetryPolicy,
     WaitTimeout,
 )
+from workers.services import keys
+from workers.stages.callbacks import verify_signature
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +60,14 @@ def api(database: str) -> Iterator[str]:
     log_path = SCRATCH / f"api-client-{os.getpid()}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "workers.api:app", "--fd", str(listener.fileno())],
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "workers.entrypoints.http.app:app",
+                "--fd",
+                str(listener.fileno()),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             pass_fds=[listener.fileno()],

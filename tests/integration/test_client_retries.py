@@ -26,7 +26,7 @@ import pytest
 
 from tests.environment import SCRATCH
 from tests.fault.servers import free_port
-from workers.client import APIError, AsyncClient, Client, RetryPolicy, Submitted
+from workers.entrypoints.client import APIError, AsyncClient, Client, RetryPolicy, Submitted
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,15 @@ class RestartingApi:
         self._restarter: threading.Thread | None = None
 
     def _start(self) -> subprocess.Popen[bytes]:
-        command = ["-m", "workers.cli", "api", "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [
+            "-m",
+            "workers.entrypoints.cli.main",
+            "api",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         with self.log.open("ab") as log:
             return subprocess.Popen(
                 [sys.executable, *command], stdout=log, stderr=subprocess.STDOUT, env=os.environ

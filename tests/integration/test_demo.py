@@ -26,7 +26,7 @@ def _demo(tmp_path: Path, env: dict[str, str], *flags: str) -> subprocess.Comple
         [
             sys.executable,
             "-m",
-            "workers.cli",
+            "workers.entrypoints.cli.main",
             "demo",
             "--prompts",
             str(prompts),

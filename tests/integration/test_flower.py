@@ -20,7 +20,7 @@ def test_flower_runs_behind_basic_auth() -> None:
     port = free_port()
     env = {**os.environ, "T2IROUTE_FLOWER_BASIC_AUTH": "operator:s3cret"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "flower", "--port", str(port)],
+        [sys.executable, "-m", "workers.entrypoints.cli.main", "flower", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -46,7 +46,7 @@ def test_flower_runs_behind_basic_auth() -> None:
 def test_flower_refuses_an_open_interface_without_auth() -> None:
     env = {k: v for k, v in os.environ.items() if k != "T2IROUTE_FLOWER_BASIC_AUTH"}
     result = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "flower", "--address", "0.0.0.0"],
+        [sys.executable, "-m", "workers.entrypoints.cli.main", "flower", "--address", "0.0.0.0"],
         env=env,
         capture_output=True,
         text=True,

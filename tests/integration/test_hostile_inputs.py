@@ -27,9 +27,9 @@ from typer.testing import CliRunner
 
 from db.models import GenerationRequest
 from db.session import session_scope
-from workers import cli
-from workers.api import create_app
-from workers.producer import (
+from workers.entrypoints.cli import main as cli
+from workers.entrypoints.http.app import create_app
+from workers.services.producer import (
     MAX_KEY_CHARS,
     MAX_METADATA_DEPTH,
     MAX_SEED,

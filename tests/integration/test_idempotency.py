@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 
 from db.models import GenerationRequest
 from db.session import session_scope
-from workers.api import create_app
-from workers.producer import InvalidRequest, submit
+from workers.entrypoints.http.app import create_app
+from workers.services.producer import InvalidRequest, submit
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration

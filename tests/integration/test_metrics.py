@@ -30,9 +30,9 @@ from tests.services import (
     wait_until_final,
     wait_until_steps_closed,
 )
-from workers.budget import BudgetLimits
-from workers.metrics import FailureReason, decision_outcome
-from workers.producer import submit
+from workers.services.budget import BudgetLimits
+from workers.services.producer import submit
+from workers.services.telemetry import FailureReason, decision_outcome
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ from db.models import RouterEvent, RouterVersion
 from db.session import session_scope
 from routing.baselines import PromptLengthRouter
 from routing.registry import save_router
-from workers import cli
+from workers.entrypoints.cli import main as cli
 from workers.settings import Settings
 
 ACTOR = f"cli:{getpass.getuser()}"
@@ -152,7 +152,7 @@ def test_workers_follow_promotion_and_rollback_without_restart(
 ) -> None:
     service_settings = settings.model_copy(update={"router_reload_seconds": 0.0})
     # Imported here: the runtime pulls in diffusers, which the other tests do not need.
-    from workers.runtime import RouterService
+    from workers.services.runtime import RouterService
 
     service = RouterService(service_settings)
     baseline = f"baseline:{settings.default_policy}"

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from db.models import GenerationRequest, Status
 from db.session import session_scope
-from workers.producer import InvalidRequest, describe, submit
+from workers.services.producer import InvalidRequest, describe, submit
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -91,7 +91,7 @@ def test_bad_input_is_refused_before_anything_is_written_or_enqueued(
 def test_broker_down_keeps_the_request_queued_for_the_sweeper(clean_db: str) -> None:
     env = {**os.environ, "T2IROUTE_BROKER_URL": "redis://127.0.0.1:1/0"}
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "submit", "a cup of coffee"],
+        [sys.executable, "-m", "workers.entrypoints.cli.main", "submit", "a cup of coffee"],
         env=env,
         capture_output=True,
         text=True,
@@ -106,7 +106,7 @@ def test_broker_down_keeps_the_request_queued_for_the_sweeper(clean_db: str) -> 
 
 def test_cli_refuses_bad_input_with_a_clear_message(clean_db: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "submit", "   "],
+        [sys.executable, "-m", "workers.entrypoints.cli.main", "submit", "   "],
         capture_output=True,
         text=True,
         timeout=120,

@@ -12,8 +12,8 @@ import pytest
 
 from routing.data import default_ratings_path, load_genai_bench_pool
 from routing.types import PoolTable
-from workers.replay import ReplayConfig, run_replay, stream_order
-from workers.replay_report import markdown, plot, summarise_run, write_csv
+from workers.offline.replay import ReplayConfig, run_replay, stream_order
+from workers.offline.replay_report import markdown, plot, summarise_run, write_csv
 
 pytestmark = pytest.mark.skipif(
     not default_ratings_path().exists(), reason="the GenAI-Bench ratings are not beside the repo"

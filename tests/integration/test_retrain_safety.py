@@ -19,9 +19,9 @@ from db.session import session_scope
 from routing.baselines import PromptLengthRouter
 from routing.registry import save_router
 from tests.labels import seed_training_pairs
-from workers.retrain import LOCK_NAME, retrain_lock, retrain_router
+from workers.engine.tasks import retrain
+from workers.services.retraining import LOCK_NAME, retrain_lock, retrain_router
 from workers.settings import Settings, get_settings
-from workers.tasks import retrain
 
 
 @pytest.fixture

@@ -252,7 +252,14 @@ def test_a_worker_without_its_models_refuses_to_start(tmp_path: Path) -> None:
     env["T2IROUTE_HOME"] = str(tmp_path)
     env["T2IROUTE_CLOUD_MODEL"] = "stabilityai/stable-diffusion-3-medium-diffusers"
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "worker", "--queues", "route,quality,edge,cloud"],
+        [
+            sys.executable,
+            "-m",
+            "workers.entrypoints.cli.main",
+            "worker",
+            "--queues",
+            "route,quality,edge,cloud",
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -12,17 +12,18 @@ from PIL import Image
 from db import queries
 from db.models import GenerationRequest, Status, StepStatus
 from db.session import session_scope
-from workers import flow, stages
-from workers.budget import (
+from workers import stages
+from workers.app import flow
+from workers.app.flow import Step
+from workers.services.budget import (
     BudgetKeeper,
     BudgetLimits,
     LocalBudgetKeeper,
     budget_keeper_from_settings,
 )
-from workers.flow import Step
-from workers.images import ImageStore
-from workers.producer import submit
-from workers.runtime import RouterService, quality_scorer
+from workers.services.images import ImageStore
+from workers.services.producer import submit
+from workers.services.runtime import RouterService, quality_scorer
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration

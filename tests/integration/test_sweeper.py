@@ -14,13 +14,13 @@ from sqlalchemy import event, text
 from db import queries
 from db.models import Status, StepStatus
 from db.session import get_engine, session_scope
-from workers import flow
-from workers.budget import budget_keeper_from_settings
-from workers.celery_app import app, create_app
-from workers.flow import Send
-from workers.producer import submit
+from workers.app import flow
+from workers.app.celery_app import app, create_app
+from workers.app.flow import Send
+from workers.engine.sweeper import BrokerView, read_broker, sweep
+from workers.services.budget import budget_keeper_from_settings
+from workers.services.producer import submit
 from workers.settings import Settings
-from workers.sweeper import BrokerView, read_broker, sweep
 
 pytestmark = pytest.mark.integration
 

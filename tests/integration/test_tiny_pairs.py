@@ -21,10 +21,10 @@ from routing.quality import ContrastiveQualityScorer
 from routing.routet2i import RouteT2IRouter
 from routing.types import PairTable
 from tests.unit.tiny_text_encoder import build_tiny_encoder
-from workers import pairs
-from workers.demo import demo_prompts
-from workers.pairs import make_pair_table, write_metric_table
-from workers.pipelines import load_clip, load_pipeline
+from workers.entrypoints.demo import demo_prompts
+from workers.offline import pairs
+from workers.offline.pairs import make_pair_table, write_metric_table
+from workers.services.pipelines import load_clip, load_pipeline
 
 N_PROMPTS = 12
 GENERATION = {"width": 32, "height": 32, "steps": 2}

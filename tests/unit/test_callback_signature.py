@@ -7,8 +7,8 @@ import hmac
 
 import pytest
 
-from workers.callbacks import backoff, sign, verify_signature
 from workers.settings import Settings
+from workers.stages.callbacks import backoff, sign, verify_signature
 
 BODY = b'{"request_id":"r1","state":"done"}'
 NOW = 1_800_000_000

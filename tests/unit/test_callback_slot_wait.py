@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from workers.callbacks import slot_wait
 from workers.settings import Settings
+from workers.stages.callbacks import slot_wait
 
 
 def test_the_wait_doubles_within_jitter_up_to_the_attempt_timeout() -> None:

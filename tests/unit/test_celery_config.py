@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from workers import broker
-from workers.celery_app import (
+from workers.app import broker
+from workers.app.celery_app import (
     TASK_CALLBACK,
     TASK_GENERATE,
     TASK_RETRAIN,
@@ -20,7 +20,7 @@ from workers.celery_app import (
     create_app,
     prefetch_multiplier,
 )
-from workers.liveness import node_name
+from workers.app.liveness import node_name
 from workers.settings import Settings
 
 

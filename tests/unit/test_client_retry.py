@@ -9,7 +9,7 @@ from email.utils import formatdate
 import httpx
 import pytest
 
-from workers.client import RetryPolicy, _retry_after
+from workers.entrypoints.client import RetryPolicy, _retry_after
 
 
 def _after(value: str) -> float | None:

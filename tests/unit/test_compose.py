@@ -3,7 +3,7 @@ queue has a consumer, every T2IROUTE_ variable is a setting, GPU workers are set
 DESIGN.md's reliability rules ask, every worker waits for the migrations and the models,
 every long-running service restarts and is health-checked, the security defaults of
 docs/operations.md hold, Prometheus scrapes every target, and the Grafana dashboard queries
-only series that workers/metrics.py exports."""
+only series that workers/services/telemetry.py exports."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import promql_parser
 import pytest
 import yaml
 
-from workers.metrics import exported_series
-from workers.runtime import missing_models
+from workers.services.runtime import missing_models
+from workers.services.telemetry import exported_series
 from workers.settings import Settings
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose"

@@ -33,7 +33,7 @@ from routing.reports import summary_markdown
 from routing.types import PairTable, Router
 from tests.unit.test_baselines import hard_mask, word_table
 from tests.unit.tiny_text_encoder import build_tiny_encoder
-from workers.eval_cli import eval_app
+from workers.entrypoints.cli.eval import eval_app
 
 
 def test_cumulative_gain_follows_the_ranking() -> None:

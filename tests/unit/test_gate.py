@@ -1,4 +1,4 @@
-"""The promotion gate (``workers.retrain.judge``) on synthetic labels where the truth is
+"""The promotion gate (``workers.services.retraining.judge``) on synthetic labels where the truth is
 known: the cloud gains on prompts that mention a crowd, and prompt length says nothing."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from routing.baselines import PromptLengthRouter, RandomRouter
 from routing.types import PairTable
-from workers.retrain import judge
+from workers.services.retraining import judge
 
 
 class KeywordRouter:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.runtime import missing_models
+from workers.services.runtime import missing_models
 from workers.settings import Settings, resolve_model
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.filesystems import FILLER, can_mount, fill, remount, tmpfs
-from workers.images import ImageStore, StoreUnavailable
+from workers.services.images import ImageStore, StoreUnavailable
 
 
 def test_save_names_the_file_and_reads_it_back(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from routing.pool_baselines import TfidfRidgeRouter
 from routing.pool_evaluate import PoolExperiment, pool_router_factories
 from routing.types import PairTable, PoolTable
 from tests.unit.tiny_text_encoder import build_tiny_encoder
-from workers.eval_cli import eval_app
+from workers.entrypoints.cli.eval import eval_app
 
 HARD = ("glass", "mirror", "crowd", "lettering", "hands", "reflection")
 PLAIN = ("photo", "image", "picture", "drawing", "view", "painting")

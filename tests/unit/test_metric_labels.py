@@ -1,4 +1,5 @@
-"""The label values of workers/metrics.py stay in their fixed sets: the budget keeper's real
+"""The label values of workers/services/telemetry.py stay in their fixed sets: the budget keeper's
+real
 reasons, real exceptions of each kind, and callback outcomes map to the buckets the dashboard
 and alerts are written against."""
 
@@ -12,8 +13,8 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from kombu.exceptions import OperationalError as BrokerError
 from prometheus_client import Counter
 
-from workers.budget import BudgetLimits, LocalBudgetKeeper, RedisBudgetKeeper, budget_redis
-from workers.metrics import (
+from workers.services.budget import BudgetLimits, LocalBudgetKeeper, RedisBudgetKeeper, budget_redis
+from workers.services.telemetry import (
     CALLBACKS,
     DECISIONS,
     EXPLORATIONS,

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from transformers import CLIPModel
 
 from routing.metrics import METRICS
-from workers.pipelines import ModelFolderError, generate, load_clip, load_pipeline
-from workers.tiny_models import make_tiny
+from workers.offline.tiny_models import make_tiny
+from workers.services.pipelines import ModelFolderError, generate, load_clip, load_pipeline
 
 PROMPT = "A photo of a cat on a red sofa"
 SIZE = {"width": 64, "height": 48, "steps": 2}

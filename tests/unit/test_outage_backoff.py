@@ -4,8 +4,8 @@ lasts, so that the sweeper never counts its steps as lost messages."""
 
 from __future__ import annotations
 
+from workers.engine.tasks import transient_backoff
 from workers.settings import Settings
-from workers.tasks import transient_backoff
 
 
 def test_an_outage_is_retried_until_the_covered_time_then_left_to_the_sweeper() -> None:

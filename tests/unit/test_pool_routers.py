@@ -39,7 +39,7 @@ from routing.routet2i import RouteT2IConfig, RouteT2IRouter
 from routing.types import PoolRouter, PoolTable
 from tests.unit.test_baselines import hard_mask, word_table
 from tests.unit.tiny_text_encoder import build_tiny_encoder
-from workers.eval_cli import eval_app
+from workers.entrypoints.cli.eval import eval_app
 
 TIERS = ("cheap", "mid", "dear")
 COSTS = np.array([1.0, 3.0, 20.0])

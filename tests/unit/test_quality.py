@@ -12,7 +12,7 @@ from PIL import Image
 
 from routing.metrics import METRIC_NAMES, METRICS, METRICS_VERSION, Metric
 from routing.quality import ContrastiveQualityScorer
-from workers.pipelines import load_clip
+from workers.services.pipelines import load_clip
 
 
 @pytest.fixture(scope="module")

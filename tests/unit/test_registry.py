@@ -37,7 +37,7 @@ from routing.types import PersistentPoolRouter, PersistentRouter, PoolRouter, Ro
 from tests.unit.test_baselines import word_table
 from tests.unit.test_pool_routers import TIERS, word_pool
 from tests.unit.tiny_text_encoder import build_tiny_encoder
-from workers.eval_cli import eval_app
+from workers.entrypoints.cli.eval import eval_app
 
 ROUTER_MODULES: tuple[ModuleType, ...] = (
     baselines,

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from workers.threads import apply_threads, available_cores, default_threads
+from workers.app.threads import apply_threads, available_cores, default_threads
 
 
 @pytest.fixture

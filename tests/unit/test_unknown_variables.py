@@ -73,7 +73,13 @@ def test_test_suite_variables_and_other_prefixes_are_left_alone() -> None:
 def test_the_command_line_refuses_to_start() -> None:
     env = {**os.environ, "T2IROUTE_CLOUD_RATO": "0.2"}
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "status", "00000000-0000-0000-0000-000000000000"],
+        [
+            sys.executable,
+            "-m",
+            "workers.entrypoints.cli.main",
+            "status",
+            "00000000-0000-0000-0000-000000000000",
+        ],
         env=env,
         capture_output=True,
         text=True,

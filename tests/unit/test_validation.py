@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.producer import (
+from workers.services.producer import (
     MAX_KEY_CHARS,
     MAX_SEED,
     FieldProblem,

@@ -1,0 +1,1 @@
+"""The ``t2iroute`` command line: one module per command group."""

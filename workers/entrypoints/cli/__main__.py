@@ -1,0 +1,5 @@
+"""``python -m workers.entrypoints.cli``."""
+
+from workers.entrypoints.cli.main import app
+
+app()

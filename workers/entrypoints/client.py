@@ -1,0 +1,872 @@
+"""The t2iroute HTTP API from Python: a sync ``Client`` and an ``AsyncClient`` on httpx.
+
+Both have the same methods (the async ones awaited): ``submit``, ``get``, ``wait``,
+``image``, ``save_image``, ``list``, ``cancel`` and ``budget``. Results are typed (the
+pydantic models below mirror the API's JSON); every refusal, and every failure to get an
+answer, is raised as one exception type, ``APIError``, carrying the RFC 9457 problem details
+the API sent (status, title, detail, the offending field).
+
+Retries. A connection error, a 5xx answer or a 429 is retried with exponential backoff and
+jitter for up to 30 s (``RetryPolicy``): long enough for an ordinary restart of the API. A
+``Retry-After`` the server sends (seconds or an HTTP date) is waited out instead. ``submit``
+always sends an ``Idempotency-Key`` (a new UUID when the caller gives none) and re-sends the
+same key on every retry, so a request whose answer was lost on the way back is found again,
+not made twice.
+
+Example::
+
+    from workers.entrypoints.client import Client
+
+    with Client("http://127.0.0.1:8000", api_key="t2i_...") as client:
+        submitted = client.submit("a lighthouse in a storm", seed=7, metadata={"order": 17})
+        request = client.wait(submitted.id, timeout=120)
+        if request.status == "done":
+            client.save_image(request.id, "lighthouse.png")
+        for earlier in client.list(status="failed"):
+            print(earlier.id, earlier.failure_reason)
+
+And with asyncio::
+
+    from workers.entrypoints.client import AsyncClient
+
+    async with AsyncClient("http://127.0.0.1:8000", api_key="t2i_...") as client:
+        submitted = await client.submit("a lighthouse in a storm")
+        request = await client.wait(submitted.id)
+        png = await client.image(request.id)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "FINAL_STATES",
+    "APIError",
+    "AsyncClient",
+    "Budget",
+    "Client",
+    "Decision",
+    "Generation",
+    "Page",
+    "Quality",
+    "RequestInfo",
+    "RequestSummary",
+    "RetryPolicy",
+    "Stage",
+    "Submitted",
+    "WaitTimeout",
+]
+
+#: The states a request never leaves.
+FINAL_STATES = frozenset({"done", "failed", "cancelled"})
+
+KEY_HEADER = "Idempotency-Key"
+USER_AGENT = "t2iroute-client/1"
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+class _Result(BaseModel):
+    """A result as the API sent it. Fields the API adds later are ignored, not refused, so
+    that an older client keeps working against a newer server."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Submitted(_Result):
+    """A submitted request. ``created`` is false when the idempotency key named a request
+    made before (a retry); ``idempotency_key`` is the key sent, the caller's or a new one."""
+
+    id: str
+    created: bool
+    enqueued: bool
+    idempotency_key: str
+
+
+class Stage(_Result):
+    """One step of a request (``route``, ``generate:TIER``, ``score:TIER``) and its timings."""
+
+    step: str
+    status: str
+    sends: int
+    starts: int
+    failures: int
+    last_error: str | None
+    dispatched_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    waited_ms: float | None
+    ran_ms: float | None
+
+
+class Decision(_Result):
+    """What the router decided (the tier, each tier's predicted quality, the trade-off) and
+    what the budget keeper granted."""
+
+    tier: str
+    wanted_tier: str
+    explored: list[str]
+    predicted_quality: dict[str, float]
+    predicted_metrics: list[float] | None
+    tradeoff: float
+    spent: float
+    budget_reason: str
+    router_version: str
+    rerouted_from: str | None
+    reroute_reason: str | None
+    escalations: list[dict[str, Any]]
+    decided_at: datetime
+
+
+class Quality(_Result):
+    """An image's quality, metric by metric, and their mean."""
+
+    metrics_version: str
+    mean: float
+    scores: dict[str, float]
+
+
+class Generation(_Result):
+    """One image made for the request: tier, model, latency, where the API serves it."""
+
+    tier: str
+    model: str
+    latency_ms: float
+    worker: str | None
+    created_at: datetime
+    image_path: str
+    image_url: str
+    quality: list[Quality]
+
+
+class RequestInfo(_Result):
+    """Where a request stands: ``GET /v1/requests/{id}``."""
+
+    id: str
+    status: str
+    failure_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+    prompt: str
+    width: int
+    height: int
+    steps: int | None
+    seed: int
+    guidance_scale: float | None
+    idempotency_key: str | None
+    callback_url: str | None
+    metadata: dict[str, Any] | None
+    decision: Decision | None
+    answer_tier: str | None
+    stages: list[Stage]
+    generations: list[Generation]
+
+    @property
+    def final(self) -> bool:
+        """True once the request is done, failed or cancelled."""
+        return self.status in FINAL_STATES
+
+
+class RequestSummary(_Result):
+    """A request as a listing shows it; ``get(summary.id)`` has the whole view."""
+
+    id: str
+    status: str
+    tier: str | None
+    created_at: datetime
+    updated_at: datetime
+    idempotency_key: str | None
+    failure_reason: str | None
+    metadata: dict[str, Any] | None
+    url: str
+
+
+class Page(_Result):
+    """One page of a listing, newest first, and the cursor of the next (None on the last)."""
+
+    items: list[RequestSummary]
+    next: str | None
+
+
+class Budget(_Result):
+    """``GET /v1/budget``: the budget keeper's buckets now, and what the budget paid for in
+    the last ``window_minutes``: ``spent`` cost units against ``allowed`` (B per decision
+    plus the burst C), the requests each tier answered and the images made on each."""
+
+    backend: str
+    budget_per_request: float
+    burst: float
+    extra_cost: dict[str, float]
+    buckets: dict[str, float] | None
+    buckets_error: str | None
+    window_minutes: int
+    since: datetime
+    decisions: int
+    spent: float
+    allowed: float
+    answers: dict[str, int]
+    generations: dict[str, int]
+    tradeoff: float | None
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """Everything the client raises: a refusal or failure the API answered (its RFC 9457
+    problem details), or no answer at all (``status`` None: the connection failed on every
+    try, or ``wait`` ran out of time).
+
+    ``field`` is the first offending field the API named, ``errors`` all of them as
+    ``{"field": ..., "detail": ...}``."""
+
+    def __init__(
+        self,
+        status: int | None,
+        title: str,
+        detail: str,
+        *,
+        field: str | None = None,
+        type: str | None = None,
+        errors: list[dict[str, str]] | None = None,
+    ) -> None:
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.field = field
+        self.type = type
+        self.errors = errors or []
+        where = f" ({field})" if field else ""
+        super().__init__(f"{status or 'no answer'} {title}{where}: {detail}")
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> APIError:
+        """The problem details of an error response; the status line and text otherwise
+        (a proxy's HTML page, say)."""
+        try:
+            problem = response.json()
+        except ValueError:
+            problem = None
+        if not isinstance(problem, dict):
+            return cls(response.status_code, response.reason_phrase, response.text[:500])
+        errors = [e for e in problem.get("errors") or [] if isinstance(e, dict)]
+        detail = problem.get("detail")
+        return cls(
+            response.status_code,
+            str(problem.get("title") or response.reason_phrase),
+            detail if isinstance(detail, str) else str(detail or ""),
+            field=next((str(e["field"]) for e in errors if e.get("field")), None),
+            type=problem.get("type"),
+            errors=errors,
+        )
+
+
+class WaitTimeout(APIError, TimeoutError):
+    """``wait`` ran out of time; ``last`` is the request as last seen."""
+
+    def __init__(self, request_id: str, timeout: float, last: RequestInfo) -> None:
+        super().__init__(
+            None,
+            "Timed out",
+            f"request {request_id} still {last.status} after {timeout:g} s",
+        )
+        self.last = last
+
+
+# --- retries ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a call is retried after a connection error, a 5xx answer or a 429: for up to
+    ``window`` seconds after its first try (30 by default: an API restarted under load was
+    down for 3), in at most ``attempts`` tries when that is given. The wait before retry n is
+    drawn between half and all of ``backoff * 2**(n-1)`` seconds, at most ``max_backoff``;
+    jitter keeps many clients that failed together from coming back together. A
+    ``Retry-After`` the server sends (delta-seconds or an HTTP date) is waited out: the wait
+    is the longer of it and the backoff's; one that ends past the window gives up at once,
+    with the server's answer."""
+
+    attempts: int | None = None
+    backoff: float = 0.5
+    max_backoff: float = 5.0
+    window: float = 30.0
+
+    def delay(self, retry: int) -> float:
+        """The backoff's wait before retry ``retry`` (1 for the first)."""
+        step = min(self.max_backoff, self.backoff * 2.0 ** (retry - 1))
+        return random.uniform(step / 2, step)
+
+
+def _retry_after(response: httpx.Response | None) -> float | None:
+    """The seconds a response's ``Retry-After`` asks for (RFC 9110, 10.2.3: delta-seconds
+    or an HTTP date), or None where it has none that reads as either."""
+    value = None if response is None else response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, as an HTTP date always is
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _retryable(response: httpx.Response) -> bool:
+    return response.status_code == 429 or response.status_code >= 500
+
+
+class _Retries:
+    """One call's retries under a policy: how long to wait after each failed try, and when
+    to stop."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.tries = 0
+        self._deadline = time.monotonic() + policy.window
+
+    def wait(self, response: httpx.Response | None = None) -> float | None:
+        """Seconds to wait before trying again after a try that failed (with ``response``, or
+        None for no answer); None to give up."""
+        self.tries += 1
+        if self.policy.attempts is not None and self.tries >= self.policy.attempts:
+            return None
+        left = self._deadline - time.monotonic()
+        stated = _retry_after(response)
+        # Sooner than the server asked would only be refused again.
+        if left <= 0 or (stated is not None and stated > left):
+            return None
+        return min(max(stated or 0.0, self.policy.delay(self.tries)), left)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One API call, as both clients send it."""
+
+    method: str
+    path: str
+    params: dict[str, str] = field(default_factory=dict)
+    json: dict[str, Any] | None = None
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+
+
+def _no_answer(call: _Call, exc: httpx.TransportError, attempts: int) -> APIError:
+    return APIError(
+        None,
+        "No answer",
+        f"{call.method} {call.path}: {type(exc).__name__}: {exc} (after {attempts} tries)",
+    )
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.is_success:
+        return response
+    raise APIError.from_response(response)
+
+
+# --- the calls, shared by both clients --------------------------------------------------------
+
+R = TypeVar("R", bound=_Result)
+
+
+def _parse(model: type[R], response: httpx.Response) -> R:
+    return model.model_validate(response.json())
+
+
+def _submit_call(
+    prompt: str, idempotency_key: str | None, options: Mapping[str, Any]
+) -> tuple[_Call, str]:
+    key = idempotency_key if idempotency_key is not None else str(uuid.uuid4())
+    body = {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
+    # UTF-8 bytes: httpx would encode a str header as ASCII, and the API reads UTF-8.
+    call = _Call(
+        "POST", "/v1/requests", json=body, headers={KEY_HEADER.encode(): key.encode("utf-8")}
+    )
+    return call, key
+
+
+def _submitted(response: httpx.Response, key: str) -> Submitted:
+    return Submitted.model_validate({**response.json(), "idempotency_key": key})
+
+
+def _request_path(request_id: str, suffix: str = "") -> str:
+    # A request id is a UUID; quoting keeps any other text inside its path segment.
+    return f"/v1/requests/{quote(request_id, safe='')}{suffix}"
+
+
+def _image_call(request_id: str, tier: str | None) -> _Call:
+    params = {} if tier is None else {"tier": tier}
+    return _Call("GET", _request_path(request_id, "/image"), params=params)
+
+
+def _budget_call(window_minutes: int) -> _Call:
+    return _Call("GET", "/v1/budget", params={"window_minutes": str(window_minutes)})
+
+
+def _list_params(
+    status: str | None,
+    tier: str | None,
+    created_after: datetime | None,
+    created_before: datetime | None,
+    idempotency_key: str | None,
+    page_size: int | None,
+) -> dict[str, str]:
+    params = {
+        "status": status,
+        "tier": tier,
+        "created_after": None if created_after is None else created_after.isoformat(),
+        "created_before": None if created_before is None else created_before.isoformat(),
+        "idempotency_key": idempotency_key,
+        "limit": None if page_size is None else str(page_size),
+    }
+    return {name: value for name, value in params.items() if value is not None}
+
+
+@dataclass
+class _Polling:
+    """``wait``'s schedule: poll every ``interval`` seconds, growing by half each time up to
+    ``max_interval``, until ``timeout`` has passed."""
+
+    timeout: float
+    interval: float
+    max_interval: float
+    deadline: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
+
+    def next_sleep(self) -> float | None:
+        """Seconds to sleep before the next poll, or None when time is up."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            return None
+        sleep = min(self.interval, left)
+        self.interval = min(self.interval * 1.5, self.max_interval)
+        return sleep
+
+
+class _Base:
+    def __init__(self, api_key: str | None, retry: RetryPolicy) -> None:
+        if retry.attempts is not None and retry.attempts < 1:
+            raise ValueError("a retry policy needs at least one attempt")
+        if retry.window < 0:
+            raise ValueError("a retry policy's window is no negative time")
+        self.retry = retry
+        self._headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        if api_key is not None:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+
+
+# --- the sync client -------------------------------------------------------------------------
+
+
+class Client(_Base):
+    """The API over blocking HTTP.
+
+    :param base_url: where the API listens, e.g. ``http://127.0.0.1:8000``.
+    :param api_key: sent as ``Authorization: Bearer <key>`` (``t2iroute keys create``).
+    :param timeout: seconds for each of connect, read, write and pool.
+    :param retry: retries after connection errors and 5xx and 429 answers (``RetryPolicy``:
+        by default for up to 30 s, honouring ``Retry-After``).
+    :param transport: an httpx transport (``httpx.MockTransport`` in a test, a proxy, ...).
+
+    Use it as a context manager, or call ``close()``::
+
+        with Client("http://127.0.0.1:8000") as client:
+            print(client.get("0b5c...").status)
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(api_key, retry or RetryPolicy())
+        self._http = httpx.Client(
+            base_url=base_url,
+            headers=self._headers,
+            timeout=timeout,
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: _Call) -> httpx.Response:
+        """Send a call, retrying connection errors and 5xx and 429 answers; the answer,
+        checked."""
+        retries = _Retries(self.retry)
+        while True:
+            try:
+                response = self._http.request(
+                    call.method, call.path, params=call.params, json=call.json, headers=call.headers
+                )
+            except httpx.TransportError as exc:
+                wait = retries.wait()
+                if wait is None:
+                    raise _no_answer(call, exc, retries.tries) from exc
+                time.sleep(wait)
+                continue
+            wait = retries.wait(response) if _retryable(response) else None
+            if wait is None:
+                return _checked(response)
+            time.sleep(wait)
+
+    def submit(
+        self,
+        prompt: str,
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        seed: int | None = None,
+        guidance_scale: float | None = None,
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Submitted:
+        """Submit a prompt; unstated parameters take the server's defaults.
+
+        :param idempotency_key: the same key again gives the same request (with the same
+            parameters); without one a new UUID is made, and every retry re-sends it.
+        :param callback_url: an http(s) URL the outcome is POSTed to when the request ends,
+            signed (``workers.stages.callbacks.verify_signature``).
+        :param metadata: a JSON object of the caller's, handed back with the request and in
+            its callback.
+
+        ``client.submit("a red bicycle", seed=3).id`` is the new request's id."""
+        call, key = _submit_call(
+            prompt,
+            idempotency_key,
+            {
+                "width": width,
+                "height": height,
+                "steps": steps,
+                "seed": seed,
+                "guidance_scale": guidance_scale,
+                "callback_url": callback_url,
+                "metadata": metadata,
+            },
+        )
+        return _submitted(self._send(call), key)
+
+    def get(self, request_id: str) -> RequestInfo:
+        """Where a request stands: ``client.get(id).status``."""
+        return _parse(RequestInfo, self._send(_Call("GET", _request_path(request_id))))
+
+    def wait(
+        self,
+        request_id: str,
+        *,
+        timeout: float = 300.0,
+        poll_interval: float = 0.25,
+        max_poll_interval: float = 5.0,
+    ) -> RequestInfo:
+        """Poll until the request is done, failed or cancelled, and return it; the polls
+        start ``poll_interval`` apart and spread out to ``max_poll_interval``. Raises
+        ``WaitTimeout`` (an ``APIError``) after ``timeout`` seconds.
+
+        ``client.wait(client.submit("a cat").id, timeout=60).answer_tier``"""
+        polling = _Polling(timeout, poll_interval, max_poll_interval)
+        while True:
+            request = self.get(request_id)
+            if request.final:
+                return request
+            sleep = polling.next_sleep()
+            if sleep is None:
+                raise WaitTimeout(request_id, timeout, request)
+            time.sleep(sleep)
+
+    def image(self, request_id: str, *, tier: str | None = None) -> bytes:
+        """The answer's image (PNG bytes), or the image made on ``tier`` (an explored one).
+        Before the request is done the API answers 404 (not there yet); for a request that
+        failed or was cancelled, 409 (there never will be one): both raised as ``APIError``."""
+        return self._send(_image_call(request_id, tier)).content
+
+    def save_image(self, request_id: str, path: str | Path, *, tier: str | None = None) -> Path:
+        """Write the image (``image``) to ``path``; the path."""
+        target = Path(path)
+        target.write_bytes(self.image(request_id, tier=tier))
+        return target
+
+    def page(
+        self,
+        *,
+        cursor: str | None = None,
+        status: str | None = None,
+        tier: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        idempotency_key: str | None = None,
+        page_size: int | None = None,
+    ) -> Page:
+        """One page of the listing, newest first; ``cursor`` is the previous page's ``next``."""
+        params = _list_params(
+            status, tier, created_after, created_before, idempotency_key, page_size
+        )
+        if cursor is not None:
+            params["cursor"] = cursor
+        return _parse(Page, self._send(_Call("GET", "/v1/requests", params=params)))
+
+    def list(
+        self,
+        *,
+        status: str | None = None,
+        tier: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        idempotency_key: str | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[RequestSummary]:
+        """Every request that matches, newest first, fetched a page at a time (``page_size``
+        requests, at most 200; the server's default 50) by following each page's cursor.
+        Only the caller's own requests, unless its key is an admin key.
+
+        :param status: ``queued``, ``routed``, ``done``, ``failed`` or ``cancelled``.
+        :param tier: only requests routed to this tier.
+        :param created_after: made at or after this moment (a timezone-aware datetime).
+        :param created_before: made before this moment.
+        :param idempotency_key: the request made with this key.
+
+        ``[r.id for r in client.list(status="failed", created_after=yesterday)]``"""
+        cursor = None
+        while True:
+            page = self.page(
+                cursor=cursor,
+                status=status,
+                tier=tier,
+                created_after=created_after,
+                created_before=created_before,
+                idempotency_key=idempotency_key,
+                page_size=page_size,
+            )
+            yield from page.items
+            if page.next is None:
+                return
+            cursor = page.next
+
+    def cancel(self, request_id: str) -> RequestInfo:
+        """Cancel a request that has not started generating; the request after it. A
+        request already generating, or ended otherwise, is refused (``APIError``, 409)."""
+        path = _request_path(request_id, "/cancel")
+        return _parse(RequestInfo, self._send(_Call("POST", path)))
+
+    def budget(self, *, window_minutes: int = 60) -> Budget:
+        """The budget keeper's buckets and the spend of the last ``window_minutes`` against
+        the budget, with per-tier counts: ``client.budget().spent``."""
+        return _parse(Budget, self._send(_budget_call(window_minutes)))
+
+
+# --- the async client ------------------------------------------------------------------------
+
+
+class AsyncClient(_Base):
+    """``Client``'s methods, awaited, on ``httpx.AsyncClient``; ``list`` is an async
+    iterator. The parameters are ``Client``'s (``transport`` an ``httpx.AsyncBaseTransport``).
+
+    ::
+
+        async with AsyncClient("http://127.0.0.1:8000", api_key=key) as client:
+            ids = [(await client.submit(p)).id for p in prompts]
+            done = await asyncio.gather(*(client.wait(i) for i in ids))
+            async for request in client.list(status="done"):
+                ...
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(api_key, retry or RetryPolicy())
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            headers=self._headers,
+            timeout=timeout,
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: _Call) -> httpx.Response:
+        retries = _Retries(self.retry)
+        while True:
+            try:
+                response = await self._http.request(
+                    call.method, call.path, params=call.params, json=call.json, headers=call.headers
+                )
+            except httpx.TransportError as exc:
+                wait = retries.wait()
+                if wait is None:
+                    raise _no_answer(call, exc, retries.tries) from exc
+                await asyncio.sleep(wait)
+                continue
+            wait = retries.wait(response) if _retryable(response) else None
+            if wait is None:
+                return _checked(response)
+            await asyncio.sleep(wait)
+
+    async def submit(
+        self,
+        prompt: str,
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        seed: int | None = None,
+        guidance_scale: float | None = None,
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Submitted:
+        """``Client.submit``."""
+        call, key = _submit_call(
+            prompt,
+            idempotency_key,
+            {
+                "width": width,
+                "height": height,
+                "steps": steps,
+                "seed": seed,
+                "guidance_scale": guidance_scale,
+                "callback_url": callback_url,
+                "metadata": metadata,
+            },
+        )
+        return _submitted(await self._send(call), key)
+
+    async def get(self, request_id: str) -> RequestInfo:
+        """``Client.get``."""
+        return _parse(RequestInfo, await self._send(_Call("GET", _request_path(request_id))))
+
+    async def wait(
+        self,
+        request_id: str,
+        *,
+        timeout: float = 300.0,
+        poll_interval: float = 0.25,
+        max_poll_interval: float = 5.0,
+    ) -> RequestInfo:
+        """``Client.wait``."""
+        polling = _Polling(timeout, poll_interval, max_poll_interval)
+        while True:
+            request = await self.get(request_id)
+            if request.final:
+                return request
+            sleep = polling.next_sleep()
+            if sleep is None:
+                raise WaitTimeout(request_id, timeout, request)
+            await asyncio.sleep(sleep)
+
+    async def image(self, request_id: str, *, tier: str | None = None) -> bytes:
+        """``Client.image``."""
+        return (await self._send(_image_call(request_id, tier))).content
+
+    async def save_image(
+        self, request_id: str, path: str | Path, *, tier: str | None = None
+    ) -> Path:
+        """``Client.save_image``."""
+        target = Path(path)
+        target.write_bytes(await self.image(request_id, tier=tier))
+        return target
+
+    async def page(
+        self,
+        *,
+        cursor: str | None = None,
+        status: str | None = None,
+        tier: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        idempotency_key: str | None = None,
+        page_size: int | None = None,
+    ) -> Page:
+        """``Client.page``."""
+        params = _list_params(
+            status, tier, created_after, created_before, idempotency_key, page_size
+        )
+        if cursor is not None:
+            params["cursor"] = cursor
+        return _parse(Page, await self._send(_Call("GET", "/v1/requests", params=params)))
+
+    async def list(
+        self,
+        *,
+        status: str | None = None,
+        tier: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        idempotency_key: str | None = None,
+        page_size: int | None = None,
+    ) -> AsyncIterator[RequestSummary]:
+        """``Client.list``, as an async iterator: ``async for r in client.list(): ...``"""
+        cursor = None
+        while True:
+            page = await self.page(
+                cursor=cursor,
+                status=status,
+                tier=tier,
+                created_after=created_after,
+                created_before=created_before,
+                idempotency_key=idempotency_key,
+                page_size=page_size,
+            )
+            for item in page.items:
+                yield item
+            if page.next is None:
+                return
+            cursor = page.next
+
+    async def cancel(self, request_id: str) -> RequestInfo:
+        """``Client.cancel``."""
+        path = _request_path(request_id, "/cancel")
+        return _parse(RequestInfo, await self._send(_Call("POST", path)))
+
+    async def budget(self, *, window_minutes: int = 60) -> Budget:
+        """``Client.budget``."""
+        return _parse(Budget, await self._send(_budget_call(window_minutes)))

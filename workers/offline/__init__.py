@@ -1,0 +1,1 @@
+"""Offline tools: the replay and its report, labelled pairs, tiny model builders."""

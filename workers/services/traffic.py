@@ -1,0 +1,598 @@
+"""What operators read about the traffic: ``t2iroute report`` over a time window, the summary
+of a batch (``t2iroute submit --file``, the demo), and a chart of tier shares and quality over
+time.
+
+Every tier name comes from the pool (or, for a tier since removed from it, from the rows
+themselves); costs from the pool, the budget from ``BudgetLimits.from_settings``. The numbers
+are read from the database only, so a report works on the embedded demo's SQLite as on
+Postgres: aggregates that SQL states portably are computed there, percentiles and time bins
+here."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db import queries
+from db.models import FINAL_STATUSES, Generation, GenerationRequest, QualityScore, RoutingDecision
+from db.models import Status as RequestStatus
+from workers.pool import Pool
+from workers.services.budget import BudgetLimits
+from workers.settings import Settings
+
+__all__ = [
+    "BatchOutcome",
+    "RequestOutcome",
+    "WindowReport",
+    "batch_outcome",
+    "parse_window",
+    "plot_window",
+    "print_batch",
+    "print_report",
+    "read_window",
+]
+
+_WINDOW = re.compile(r"(\d+(?:\.\d+)?)\s*([mhd])")
+_UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
+#: The column of requests that have no routing decision yet.
+UNDECIDED = "(not routed)"
+
+
+def parse_window(text: str) -> timedelta:
+    """``30m``, ``24h``, ``7d`` (minutes, hours, days; a fraction such as ``1.5h`` too)."""
+    match = _WINDOW.fullmatch(text.strip().lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a time span; write a number and m, h or d: 30m, 24h, 7d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _utc(moment: datetime) -> datetime:
+    """SQLite hands timestamps back naive; they are UTC (``CURRENT_TIMESTAMP``)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def _tier_order(pool: Pool, seen: Iterable[str]) -> list[str]:
+    """The pool's tiers, cheapest first, then any tier the rows name that the pool no longer
+    has (a pool changed since), so that nothing read is left out."""
+    names = list(pool.names)
+    return names + sorted(set(seen) - set(names))
+
+
+# --- a batch of requests (submit --file, the demo) --------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    """One request of a batch: where it stands and, once answered, its tier and image."""
+
+    request_id: str
+    status: str
+    tier: str | None
+    #: The answer's image, relative to the image store; None until it is generated.
+    image: str | None
+    #: Mean quality of the answer's image over the metrics; None until it is scored.
+    quality: float | None
+    failure_reason: str | None
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """A batch as the summary shows it: states, and per tier the answers, the images made
+    (explorations and escalations included: what was spent) and their mean quality."""
+
+    states: Counter[str]
+    answers: Counter[str]
+    images: Counter[str]
+    quality: dict[str, float]
+    requests: list[RequestOutcome]
+
+    @property
+    def unfinished(self) -> int:
+        final = {s.value for s in FINAL_STATUSES}
+        return sum(n for state, n in self.states.items() if state not in final)
+
+    @property
+    def extra_images(self) -> int:
+        """Images beyond the answers: the exploration labels and escalations paid for."""
+        return sum(self.images.values()) - sum(
+            1 for r in self.requests if r.tier is not None and r.image is not None
+        )
+
+
+def batch_outcome(session: Session, request_ids: Sequence[str]) -> BatchOutcome:
+    """The outcome of these requests, in their order, in four statements."""
+    ids = list(request_ids)
+    requests = {
+        row.id: row
+        for row in session.execute(
+            select(
+                GenerationRequest.id, GenerationRequest.status, GenerationRequest.failure_reason
+            ).where(GenerationRequest.id.in_(ids))
+        )
+    }
+    tiers = {
+        request_id: tier
+        for request_id, tier in session.execute(
+            select(RoutingDecision.request_id, RoutingDecision.tier).where(
+                RoutingDecision.request_id.in_(ids)
+            )
+        )
+    }
+    images: dict[tuple[str, str], str] = {}
+    made: Counter[str] = Counter()
+    for request_id, tier, path in session.execute(
+        select(Generation.request_id, Generation.tier, Generation.image_path).where(
+            Generation.request_id.in_(ids)
+        )
+    ):
+        images[(request_id, tier)] = path
+        made[tier] += 1
+    scores: dict[tuple[str, str], float] = {}
+    by_tier: defaultdict[str, list[float]] = defaultdict(list)
+    for request_id, tier, score in session.execute(
+        select(QualityScore.request_id, QualityScore.tier, QualityScore.mean_score).where(
+            QualityScore.request_id.in_(ids)
+        )
+    ):
+        scores[(request_id, tier)] = score
+        by_tier[tier].append(score)
+    outcomes = []
+    for request_id in ids:
+        row = requests.get(request_id)
+        answer = tiers.get(request_id)
+        outcomes.append(
+            RequestOutcome(
+                request_id=request_id,
+                status=RequestStatus(row.status).value if row is not None else "unknown",
+                tier=answer,
+                image=images.get((request_id, answer)) if answer else None,
+                quality=scores.get((request_id, answer)) if answer else None,
+                failure_reason=row.failure_reason if row is not None else None,
+            )
+        )
+    return BatchOutcome(
+        states=Counter(o.status for o in outcomes),
+        answers=Counter(o.tier for o in outcomes if o.tier is not None),
+        images=made,
+        quality={tier: float(np.mean(values)) for tier, values in by_tier.items()},
+        requests=outcomes,
+    )
+
+
+def _share(amount: float, total: float) -> str:
+    return f"{amount:g} ({amount / total:.0%})" if total else f"{amount:g}"
+
+
+def spend_table(title: str, outcome: BatchOutcome, pool: Pool) -> Table:
+    """Per tier: the answers (and their share), the images generated (explorations and
+    escalations included: what was really spent), cost per image, spend (and its share), and
+    mean quality; a total row. A tier the pool no longer has shows its cost as unknown."""
+    table = Table(title=title)
+    for column in ("tier", "answers", "images generated", "cost / image", "spend", "quality"):
+        table.add_column(column, justify="left" if column == "tier" else "right")
+    tiers = _tier_order(pool, [*outcome.answers, *outcome.images])
+    costs = pool.costs()
+    spend = {t: outcome.images.get(t, 0) * costs[t] for t in tiers if t in costs}
+    answered, total = sum(outcome.answers.values()), sum(spend.values())
+    for tier in tiers:
+        answers = outcome.answers.get(tier, 0)
+        quality = outcome.quality.get(tier)
+        table.add_row(
+            tier,
+            f"{answers} ({answers / answered:.0%})" if answered else "0",
+            str(outcome.images.get(tier, 0)),
+            f"{costs[tier]:g}" if tier in costs else "?",
+            _share(spend[tier], total) if tier in spend else "?",
+            "-" if quality is None else f"{quality:.4f}",
+        )
+    images = sum(outcome.images.values())
+    table.add_row("total", str(answered), str(images), "", f"{total:g}", "", end_section=True)
+    return table
+
+
+def print_batch(console: Console, outcome: BatchOutcome, pool: Pool, image_store: Path) -> None:
+    """The summary of a batch: states, the spend table, and where the images are."""
+    states = ", ".join(f"{state} {n}" for state, n in sorted(outcome.states.items()))
+    console.print(f"{len(outcome.requests)} requests: {states}")
+    if outcome.answers:
+        console.print(spend_table("per tier", outcome, pool))
+    console.print(f"images: {image_store}/<request id>/<tier>.png", markup=False, soft_wrap=True)
+    for request in outcome.requests:
+        if request.status == RequestStatus.FAILED.value:
+            console.print(
+                f"[red]failed:[/red] {request.request_id}: {escape(str(request.failure_reason))}"
+            )
+
+
+# --- a time window (t2iroute report) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TierStats:
+    tier: str
+    answers: int
+    images: int
+    cost: float | None
+    quality_mean: float | None
+    quality_n: int
+    #: Generation latency (ms) of the tier's images, and end-to-end seconds (created to done)
+    #: of the requests it answered.
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    end_to_end_p50_s: float | None
+    end_to_end_p95_s: float | None
+
+    @property
+    def spend(self) -> float | None:
+        return None if self.cost is None else self.images * self.cost
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    version: str
+    decisions: int
+    first: datetime
+    last: datetime
+    tradeoff_mean: float
+
+
+@dataclass(frozen=True)
+class WindowReport:
+    """The requests created in ``[since, until]`` and everything about them."""
+
+    since: datetime
+    until: datetime
+    #: state -> tier answering (UNDECIDED before routing) -> requests.
+    states: dict[str, Counter[str]]
+    tiers: list[TierStats]
+    decisions: int
+    #: Extra cost above the cheapest tier that the budget keeper charged (explorations
+    #: included), and what it allows over those decisions: B per decision plus burst C.
+    charged: float
+    budget_per_request: float
+    burst: float
+    #: Lambda of the policy: the latest decision's, and the range over the window.
+    tradeoff_latest: float | None
+    tradeoff_range: tuple[float, float] | None
+    versions: list[VersionStats]
+    #: Units left in the budget keeper's spend bucket now; None where it cannot be read.
+    tokens_left: float | None
+
+    @property
+    def allowance(self) -> float:
+        return self.budget_per_request * self.decisions + self.burst
+
+    @property
+    def requests(self) -> int:
+        return sum(sum(c.values()) for c in self.states.values())
+
+
+def read_window(session: Session, settings: Settings, span: timedelta) -> WindowReport:
+    """Gather the report of the requests created in the last ``span`` (database clock)."""
+    until = queries.database_now(session)
+    since = until - span
+    in_window = GenerationRequest.created_at >= since
+    states: dict[str, Counter[str]] = defaultdict(Counter)
+    for status, tier, n in session.execute(
+        select(GenerationRequest.status, RoutingDecision.tier, func.count())
+        .outerjoin(RoutingDecision, RoutingDecision.request_id == GenerationRequest.id)
+        .where(in_window)
+        .group_by(GenerationRequest.status, RoutingDecision.tier)
+    ):
+        states[RequestStatus(status).value][tier or UNDECIDED] += int(n)
+    decisions = session.execute(
+        select(
+            RoutingDecision.router_version,
+            RoutingDecision.created_at,
+            RoutingDecision.tradeoff,
+            RoutingDecision.spent,
+        )
+        .join(GenerationRequest, GenerationRequest.id == RoutingDecision.request_id)
+        .where(in_window)
+        .order_by(RoutingDecision.id)
+    ).all()
+    limits = BudgetLimits.from_settings(settings)
+    tradeoffs = [d.tradeoff for d in decisions]
+    return WindowReport(
+        since=_utc(since),
+        until=_utc(until),
+        states=dict(states),
+        tiers=_tier_stats(session, settings.pool, since),
+        decisions=len(decisions),
+        charged=float(sum(d.spent for d in decisions)),
+        budget_per_request=limits.budget_per_request,
+        burst=limits.burst,
+        tradeoff_latest=tradeoffs[-1] if tradeoffs else None,
+        tradeoff_range=(min(tradeoffs), max(tradeoffs)) if tradeoffs else None,
+        versions=_versions(decisions),
+        tokens_left=_tokens_left(settings),
+    )
+
+
+def _tier_stats(session: Session, pool: Pool, since: datetime) -> list[TierStats]:
+    in_window = GenerationRequest.created_at >= since
+    answers: Counter[str] = Counter(
+        {
+            tier: int(n)
+            for tier, n in session.execute(
+                select(RoutingDecision.tier, func.count())
+                .join(GenerationRequest, GenerationRequest.id == RoutingDecision.request_id)
+                .where(in_window)
+                .group_by(RoutingDecision.tier)
+            )
+        }
+    )
+    latencies: defaultdict[str, list[float]] = defaultdict(list)
+    for tier, latency in session.execute(
+        select(Generation.tier, Generation.latency_ms)
+        .join(GenerationRequest, GenerationRequest.id == Generation.request_id)
+        .where(in_window)
+    ):
+        latencies[tier].append(latency)
+    quality = {
+        tier: (float(mean), int(n))
+        for tier, mean, n in session.execute(
+            select(QualityScore.tier, func.avg(QualityScore.mean_score), func.count())
+            .join(GenerationRequest, GenerationRequest.id == QualityScore.request_id)
+            .where(in_window)
+            .group_by(QualityScore.tier)
+        )
+    }
+    end_to_end: defaultdict[str, list[float]] = defaultdict(list)
+    for tier, created, updated in session.execute(
+        select(RoutingDecision.tier, GenerationRequest.created_at, GenerationRequest.updated_at)
+        .join(GenerationRequest, GenerationRequest.id == RoutingDecision.request_id)
+        .where(in_window, GenerationRequest.status == RequestStatus.DONE)
+    ):
+        end_to_end[tier].append((_utc(updated) - _utc(created)).total_seconds())
+    costs = pool.costs()
+    return [
+        TierStats(
+            tier=tier,
+            answers=answers.get(tier, 0),
+            images=len(latencies.get(tier, ())),
+            cost=costs.get(tier),
+            quality_mean=quality[tier][0] if tier in quality else None,
+            quality_n=quality[tier][1] if tier in quality else 0,
+            latency_p50_ms=_percentile(latencies.get(tier, []), 50),
+            latency_p95_ms=_percentile(latencies.get(tier, []), 95),
+            end_to_end_p50_s=_percentile(end_to_end.get(tier, []), 50),
+            end_to_end_p95_s=_percentile(end_to_end.get(tier, []), 95),
+        )
+        for tier in _tier_order(pool, [*answers, *latencies, *quality])
+    ]
+
+
+def _versions(decisions: Sequence[tuple[str, datetime, float, float]]) -> list[VersionStats]:
+    grouped: defaultdict[str, list[tuple[datetime, float]]] = defaultdict(list)
+    for version, at, tradeoff, _ in decisions:
+        grouped[version].append((_utc(at), tradeoff))
+    return sorted(
+        (
+            VersionStats(
+                version=version,
+                decisions=len(rows),
+                first=min(at for at, _ in rows),
+                last=max(at for at, _ in rows),
+                tradeoff_mean=float(np.mean([t for _, t in rows])),
+            )
+            for version, rows in grouped.items()
+        ),
+        key=lambda v: v.first,
+    )
+
+
+def _tokens_left(settings: Settings) -> float | None:
+    """The shared spend bucket now, read from the budget Redis; None with the in-process
+    keeper (each process has its own) or when Redis cannot be reached (a report must not
+    fail for it)."""
+    if settings.budget_backend != "redis":
+        return None
+    from workers.services.budget import budget_keeper_from_settings
+
+    try:
+        return budget_keeper_from_settings(settings).stats()["spend_tokens"]
+    except Exception:
+        return None
+
+
+def _fmt(value: float | None, spec: str = ".4f", unit: str = "") -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:{spec}}{unit}"
+
+
+def _table(title: str, columns: Sequence[str]) -> Table:
+    table = Table(title=title)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    return table
+
+
+def _spend_by_tier(tiers: Sequence[TierStats]) -> Table:
+    table = _table(
+        "spend per tier (images include explorations and escalations)",
+        ("tier", "answers", "images", "cost/image", "spend"),
+    )
+    answered = sum(t.answers for t in tiers)
+    for t in tiers:
+        share = f" ({t.answers / answered:.0%})" if answered else ""
+        table.add_row(
+            t.tier, f"{t.answers}{share}", str(t.images), _fmt(t.cost, "g"), _fmt(t.spend, "g")
+        )
+    spend = sum(t.spend or 0.0 for t in tiers)
+    images = sum(t.images for t in tiers)
+    table.add_row("total", str(answered), str(images), "", f"{spend:g}", end_section=True)
+    return table
+
+
+def _quality_by_tier(tiers: Sequence[TierStats]) -> Table:
+    """Quality over every scored image of the tier; generation latency of its images, and
+    end-to-end time (created to done) of the requests it answered."""
+    table = _table(
+        "quality and latency per tier",
+        ("tier", "quality", "scored", "gen p50 ms", "gen p95 ms", "e2e p50 s", "e2e p95 s"),
+    )
+    for t in tiers:
+        table.add_row(
+            t.tier,
+            _fmt(t.quality_mean, ".3f"),
+            str(t.quality_n),
+            _fmt(t.latency_p50_ms, ".0f"),
+            _fmt(t.latency_p95_ms, ".0f"),
+            _fmt(t.end_to_end_p50_s, ".1f"),
+            _fmt(t.end_to_end_p95_s, ".1f"),
+        )
+    return table
+
+
+def print_report(console: Console, report: WindowReport) -> None:
+    """The report as rich tables: states by tier, tiers, budget, router versions."""
+    stamp = "%Y-%m-%d %H:%M UTC"
+    console.print(
+        f"[bold]{report.requests} requests created from {report.since:{stamp}} "
+        f"to {report.until:{stamp}}[/bold]"
+    )
+    tiers = [t.tier for t in report.tiers]
+    columns = tiers + ([UNDECIDED] if any(UNDECIDED in c for c in report.states.values()) else [])
+    states = Table(title="requests by state and answering tier")
+    states.add_column("state")
+    for column in [*columns, "total"]:
+        states.add_column(column, justify="right")
+    order = [s.value for s in RequestStatus]
+    for state in sorted(report.states, key=lambda s: order.index(s) if s in order else len(order)):
+        counts = report.states[state]
+        states.add_row(state, *(str(counts.get(c, 0)) for c in columns), str(sum(counts.values())))
+    console.print(states)
+
+    console.print(_spend_by_tier(report.tiers))
+    console.print(_quality_by_tier(report.tiers))
+
+    budget = Table(title="budget and policy", show_header=False)
+    budget.add_column("what")
+    budget.add_column("value", justify="right")
+    used = report.charged / report.allowance if report.allowance else 0.0
+    budget.add_row(
+        "charged above the cheapest tier",
+        f"{report.charged:g} of {report.allowance:g} allowed ({used:.0%})",
+    )
+    budget.add_row(
+        "allowance",
+        f"B {report.budget_per_request:g} x {report.decisions} decisions"
+        f" + burst C {report.burst:g}",
+    )
+    budget.add_row("spend bucket now", _fmt(report.tokens_left, ".2f", " units"))
+    latest = report.tradeoff_latest
+    low, high = report.tradeoff_range or (None, None)
+    budget.add_row(
+        "trade-off lambda (latest; range)", f"{_fmt(latest)}; {_fmt(low)} .. {_fmt(high)}"
+    )
+    console.print(budget)
+
+    versions = Table(title="router versions served")
+    versions.add_column("version", no_wrap=True)
+    for column in ("decisions", "first", "last", "mean lambda"):
+        versions.add_column(column, justify="right")
+    for v in report.versions:
+        versions.add_row(
+            v.version,
+            str(v.decisions),
+            f"{v.first:%m-%d %H:%M}",
+            f"{v.last:%m-%d %H:%M}",
+            _fmt(v.tradeoff_mean),
+        )
+    console.print(versions)
+
+
+# --- the chart --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Series:
+    """Per time bin: each tier's share of the answers and its mean quality (NaN: none)."""
+
+    starts: list[datetime]
+    width: timedelta
+    shares: dict[str, list[float]]
+    quality: dict[str, list[float]]
+
+
+def read_series(session: Session, pool: Pool, report: WindowReport, bins: int) -> Series:
+    """Bins of equal width over the report's window, by the request's creation time."""
+    width = (report.until - report.since) / bins
+    starts = [report.since + i * width for i in range(bins)]
+    in_window = GenerationRequest.created_at >= report.since
+
+    def bin_of(moment: datetime) -> int:
+        return min(int((_utc(moment) - report.since) / width), bins - 1)
+
+    answers: defaultdict[str, list[int]] = defaultdict(lambda: [0] * bins)
+    for tier, created in session.execute(
+        select(RoutingDecision.tier, GenerationRequest.created_at)
+        .join(GenerationRequest, GenerationRequest.id == RoutingDecision.request_id)
+        .where(in_window)
+    ):
+        answers[tier][bin_of(created)] += 1
+    sums: defaultdict[str, list[list[float]]] = defaultdict(lambda: [[] for _ in range(bins)])
+    for tier, created, score in session.execute(
+        select(QualityScore.tier, GenerationRequest.created_at, QualityScore.mean_score)
+        .join(GenerationRequest, GenerationRequest.id == QualityScore.request_id)
+        .where(in_window)
+    ):
+        sums[tier][bin_of(created)].append(score)
+    tiers = _tier_order(pool, [*answers, *sums])
+    totals = [sum(answers[t][i] for t in answers) for i in range(bins)]
+    return Series(
+        starts=starts,
+        width=width,
+        shares={
+            t: [answers[t][i] / totals[i] if totals[i] else 0.0 for i in range(bins)] for t in tiers
+        },
+        quality={t: [float(np.mean(v)) if v else math.nan for v in sums[t]] for t in tiers},
+    )
+
+
+def plot_window(series: Series, path: Path, title: str) -> None:
+    """Two panels sharing the time axis: tier shares of the answers (stacked bars) and mean
+    quality per tier (lines). Drawn on an Agg canvas, so no display is needed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 6.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    shares_ax, quality_ax = figure.subplots(2, 1, sharex=True)
+    centres = [start + series.width / 2 for start in series.starts]
+    bar_width = series.width.total_seconds() / 86400 * 0.9  # matplotlib dates are in days
+    bottom = np.zeros(len(centres))
+    for tier, shares in series.shares.items():
+        shares_ax.bar(centres, shares, width=bar_width, bottom=bottom, label=tier)
+        bottom += np.asarray(shares)
+    shares_ax.set_ylabel("share of answers")
+    shares_ax.set_ylim(0, 1)
+    shares_ax.legend(loc="upper left", fontsize="small", ncols=min(len(series.shares), 6))
+    shares_ax.set_title(title)
+    for tier, quality in series.quality.items():
+        quality_ax.plot(centres, quality, marker="o", markersize=3, label=tier)
+    quality_ax.set_ylabel("mean quality")
+    quality_ax.set_xlabel("request created (UTC)")
+    quality_ax.legend(loc="lower left", fontsize="small", ncols=min(len(series.quality), 6))
+    locator = AutoDateLocator()
+    quality_ax.xaxis.set_major_locator(locator)
+    quality_ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
