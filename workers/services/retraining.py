@@ -17,7 +17,8 @@ finds it better on labels it was not trained on:
 
 Whatever the verdict, the candidate refitted on every label is saved and registered, with a
 ``registered`` and a ``promoted`` or ``refused`` event (``db.models.RouterEvent``), so an
-operator can inspect it and promote it by hand (``t2iroute models promote``). All database
+operator can inspect it and promote it by hand (``t2iroute models promote``); a promotion
+is ``workers.services.router_versions.promote``, the operator's own. All database
 writes happen in one transaction after the files are saved: a run that fails anywhere leaves
 the serving version as it was. Router workers pick a promoted version up without a restart
 (``workers.services.runtime.RouterService.refresh``). Runs are serialised by ``retrain_lock``.
@@ -47,6 +48,7 @@ from routing.registry import build_router, load_pair_router, save_router
 from routing.routet2i import RouteT2IConfig, RouteT2IRouter
 from routing.types import PairTable, Router
 from workers.services.exploration import in_uniform_slice
+from workers.services.router_versions import baseline_version, promote
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -204,7 +206,7 @@ def _incumbent(session: Session, settings: Settings) -> tuple[str, Router | None
     active = queries.active_router_version(session)
     if active is not None:
         return active.version, load_pair_router(Path(active.path))
-    return f"baseline:{settings.default_policy}", None
+    return baseline_version(settings.default_policy), None
 
 
 def retrain_router(
@@ -258,7 +260,7 @@ def retrain_router(
         "labels": len(table),
         "evaluated": verdict.n_evaluated,
         "apgr": _finite(verdict.candidate_apgr),
-        "cold_start": f"baseline:{settings.default_policy}",
+        "cold_start": baseline_version(settings.default_policy),
         "cold_start_apgr": _finite(verdict.cold_start_apgr),
         "z": _finite(verdict.z),
         "incumbent": verdict.incumbent,
@@ -289,10 +291,11 @@ def retrain_router(
         if verdict.promote:
             registered = queries.router_version(session, version)
             assert registered is not None
-            queries.promote_router_version(session, registered.id)
-        queries.record_router_event(
-            session, version, event, actor=actor, reason=verdict.reason, details=evaluation
-        )
+            promote(session, registered, actor=actor, reason=verdict.reason, details=evaluation)
+        else:
+            queries.record_router_event(
+                session, version, event, actor=actor, reason=verdict.reason, details=evaluation
+            )
     log.info("router %s: %s (%s)", version, event.value, verdict.reason)
     return RetrainResult(
         event.value,
