@@ -25,8 +25,9 @@ from rich.text import Text
 
 from db import migrate
 from db.session import session_scope
+from workers.entrypoints.cli.report import spend_table
 from workers.pool import Pool
-from workers.services.traffic import BatchOutcome, batch_outcome, spend_table
+from workers.services.traffic import BatchOutcome, batch_outcome
 from workers.settings import Settings, get_settings
 
 SERVER_VARIABLES = ("T2IROUTE_DATABASE_URL", "T2IROUTE_BROKER_URL")

@@ -428,8 +428,8 @@ def _follow(
 ) -> None:
     """After submitting: wait (with --wait), write the records (with --out), and show the
     summary (for many prompts, or after waiting)."""
+    from workers.entrypoints.cli.report import print_batch
     from workers.entrypoints.cli.submit_file import wait_until_final, write_records
-    from workers.services.traffic import print_batch
 
     ids = [line.request_id for line in submitted]
     if not ids or not (wait or out or summary):
@@ -478,13 +478,8 @@ def report(
     """The requests of a recent window: states by tier, spend against the budget, the
     trade-off, quality and latency per tier, and the router versions that served."""
     from db.session import session_scope
-    from workers.services.traffic import (
-        parse_window,
-        plot_window,
-        print_report,
-        read_series,
-        read_window,
-    )
+    from workers.entrypoints.cli.report import plot_window, print_report
+    from workers.services.traffic import parse_window, read_series, read_window
 
     try:
         span = parse_window(since)
