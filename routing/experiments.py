@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from routing.evaluate import Experiment, SharedEncoding
+from routing.encodings import SharedEncoding
+from routing.evaluate import Experiment
 from routing.pool_evaluate import PoolExperiment
 from routing.registry import PAIR_ROUTERS
 from routing.reports import REFERENCE_ROUTER

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from routing.data import pool_scalar_quality
-from routing.evaluate import SharedEncoding, _mean_std, kfold_indices
+from routing.encodings import SharedEncoding
+from routing.evaluate import _mean_std, kfold_indices
 from routing.policy import check_costs, routed_mix
 from routing.registry import POOL_ROUTERS, BuildContext, build_pool_router
 from routing.types import PoolRouter, PoolTable

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar, cast
 
+from routing.encodings import SharedEncoding
 from routing.types import (
     PairTable,
     PersistentPoolRouter,
@@ -24,7 +25,6 @@ from routing.types import (
 )
 
 if TYPE_CHECKING:
-    from routing.evaluate import SharedEncoding
     from routing.routet2i import RouteT2IConfig
 
 MANIFEST = "router.json"
@@ -47,11 +47,7 @@ class BuildContext:
 
     @functools.cached_property
     def encodings(self) -> SharedEncoding:
-        if self.shared is not None:
-            return self.shared
-        from routing.evaluate import SharedEncoding
-
-        return SharedEncoding()
+        return self.shared if self.shared is not None else SharedEncoding()
 
 
 PairBuilder = Callable[[BuildContext], Router]

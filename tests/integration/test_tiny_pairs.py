@@ -14,7 +14,8 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from routing.calibrate import calibrate_alpha, route_to_cloud
 from routing.data import load_metric_table
 from routing.encoder import FrozenTextEncoder
-from routing.evaluate import Experiment, SharedEncoding, cross_validate, router_factories
+from routing.encodings import SharedEncoding
+from routing.evaluate import Experiment, cross_validate, router_factories
 from routing.metrics import METRIC_NAMES
 from routing.prs import PRSParams
 from routing.quality import ContrastiveQualityScorer

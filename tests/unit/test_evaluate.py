@@ -14,13 +14,13 @@ import torch
 from typer.testing import CliRunner
 
 from routing.encoder import FrozenTextEncoder
+from routing.encodings import SharedEncoding
 from routing.evaluate import (
     GAIN_TARGETS,
     SHARES,
     Experiment,
     FoldContext,
     FoldScore,
-    SharedEncoding,
     cross_validate,
     cumulative_gain,
     kfold_indices,

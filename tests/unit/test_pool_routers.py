@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from routing.embedding_baselines import FitSettings, PooledEmbeddings
 from routing.encoder import FrozenTextEncoder
-from routing.evaluate import SharedEncoding
+from routing.encodings import SharedEncoding
 from routing.policy import choose_tiers
 from routing.pool_baselines import (
     KnnQualityRouter,

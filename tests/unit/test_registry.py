@@ -15,7 +15,8 @@ import typer
 
 from routing import baselines, bert_router, embedding_baselines, pool_baselines, routet2i
 from routing.encoder import FrozenTextEncoder
-from routing.evaluate import SharedEncoding, router_factories
+from routing.encodings import SharedEncoding
+from routing.evaluate import router_factories
 from routing.pool_evaluate import pool_router_factories
 from routing.registry import (
     MANIFEST,
