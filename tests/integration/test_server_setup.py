@@ -275,4 +275,4 @@ def test_a_worker_without_its_models_refuses_to_start(tmp_path: Path) -> None:
     assert f"quality metrics (CLIP): no config.json in {clip}" in done.stderr
     # A hub id is left to from_pretrained: the cloud tier is not named.
     assert "tier cloud" not in done.stderr
-    assert "t2iroute models make-tiny" in done.stderr
+    assert "t2iroute pipelines make-tiny" in done.stderr

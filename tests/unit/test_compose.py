@@ -212,7 +212,7 @@ def test_the_models_service_provisions_what_the_workers_look_for(
     models = services["models"]
     assert "models:/models" in models["volumes"]
     script = models["command"][-1]
-    assert "exec t2iroute models make-tiny /models" in script
+    assert "exec t2iroute pipelines make-tiny /models" in script
     environment = {
         key: value.split(":-")[-1].rstrip("}")
         for key, value in models["environment"].items()

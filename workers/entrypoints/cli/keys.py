@@ -1,4 +1,5 @@
-"""``t2iroute keys``: make, list and revoke the HTTP API's keys (``workers.services.keys``)."""
+"""``t2iroute keys``: make, list and revoke the HTTP API's keys (``workers.services.keys``),
+which each command imports, with the database, when it runs."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from db.session import session_scope
-from workers.services import keys
 from workers.settings import get_settings
 
 keys_app = typer.Typer(help="API keys of the HTTP API.", no_args_is_help=True)
@@ -25,6 +24,9 @@ def create(
     ] = False,
 ) -> None:
     """Make a key. It is printed once, with its callback secret: only its hash is kept."""
+    from db.session import session_scope
+    from workers.services import keys
+
     try:
         with session_scope(get_settings().database_url) as session:
             made = keys.create_key(session, name, admin=admin)
@@ -43,6 +45,9 @@ def create(
 @keys_app.command("list")
 def list_() -> None:
     """Every key: name, the start of the key, admin or not, made, revoked."""
+    from db.session import session_scope
+    from workers.services import keys
+
     with session_scope(get_settings().database_url) as session:
         rows = keys.list_keys(session)
     table = Table("name", "key", "admin", "created", "revoked")
@@ -60,6 +65,9 @@ def list_() -> None:
 @keys_app.command("revoke")
 def revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) -> None:
     """Revoke a key: from now on every request with it is refused (401)."""
+    from db.session import session_scope
+    from workers.services import keys
+
     with session_scope(get_settings().database_url) as session:
         revoked = keys.revoke_key(session, name)
     if not revoked:
