@@ -67,9 +67,10 @@ from db.session import get_engine
 from routing.quality import ContrastiveQualityScorer
 from tests.fault.servers import PostgresServer, RedisServer
 from tests.fault.stack import Process
-from workers.app.celery_app import TASK_ROUTE, celery_config
 from workers.app.celery_app import app as celery_app
+from workers.app.celery_app import celery_config
 from workers.app.flow import ROUTE, task_id
+from workers.app.names import TASK_ROUTE
 from workers.entrypoints.demo import demo_prompts
 from workers.offline.tiny_models import make_tiny
 from workers.services.pipelines import generate, load_clip, load_pipeline

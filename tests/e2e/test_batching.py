@@ -15,8 +15,9 @@ from sqlalchemy import func, select
 from db.models import Dispatch, RoutingDecision
 from db.session import session_scope
 from tests.services import celery_worker, flush_redis
-from workers.app.celery_app import TASK_ROUTE, app
+from workers.app.celery_app import app
 from workers.app.flow import ROUTE, parse_task_id, task_id
+from workers.app.names import TASK_ROUTE
 from workers.services.producer import submit
 from workers.settings import Settings
 

@@ -23,7 +23,8 @@ from db.session import session_scope
 from routing.metrics import METRIC_NAMES, METRICS_VERSION
 from tests.labels import seed_training_pairs
 from tests.services import celery_worker, wait_until_final, wait_until_steps_closed
-from workers.app.celery_app import TASK_RETRAIN, app
+from workers.app.celery_app import app
+from workers.app.names import TASK_RETRAIN
 from workers.services.producer import submit
 from workers.settings import Settings
 

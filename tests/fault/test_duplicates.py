@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.fault.harness import FINAL, Stack, prompts, scaled, settle, snapshot, start
-from workers.app.celery_app import TASK_GENERATE, TASK_ROUTE, TASK_SCORE
+from workers.app.names import TASK_GENERATE, TASK_ROUTE, TASK_SCORE
 
 pytestmark = pytest.mark.fault
 

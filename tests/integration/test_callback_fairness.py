@@ -25,8 +25,9 @@ from db.models import CallbackDelivery, GenerationRequest, Status
 from db.session import session_scope
 from tests.receiver import Receiver, receiver
 from tests.services import celery_worker
-from workers.app.celery_app import TASK_SWEEP, app
+from workers.app.celery_app import app
 from workers.app.flow import ROUTE
+from workers.app.names import TASK_SWEEP
 from workers.services import keys
 from workers.services.callback_slots import give_back, sender, take
 from workers.settings import Settings
@@ -124,7 +125,7 @@ def _key(database: str) -> tuple[int, str]:
 
 def _ended(database: str, url: str, key_id: int | None) -> str:
     """A request with a callback URL, failed: its callback is due at the commit, and sent
-    after it (``workers.stages.callbacks``' after-commit listener, imported here as in every process
+    after it (``workers.app.flow``'s after-commit listener, imported here as in every process
     that ends requests)."""
     request_id = str(uuid.uuid4())
     with session_scope(database) as session:

@@ -28,8 +28,9 @@ from db.models import (
 from db.session import session_scope
 from tests.receiver import Received, Receiver, receiver
 from tests.services import celery_worker
-from workers.app.celery_app import TASK_SWEEP, app
-from workers.app.flow import ROUTE
+from workers.app.celery_app import app
+from workers.app.flow import ROUTE, send_callbacks
+from workers.app.names import TASK_SWEEP
 from workers.services import keys
 from workers.settings import Settings, get_settings
 from workers.stages import callbacks
@@ -259,7 +260,7 @@ def test_a_duplicate_message_after_delivery_does_not_post_again(
 
     # The same message twice more (a broker redelivery, a sweep racing the first), then
     # another request's callback behind them: the solo worker takes them in order.
-    callbacks.send([request_id, request_id])
+    send_callbacks([request_id, request_id])
     sentinel_path = _path()
     _fail(_new_request(hooks.url(sentinel_path)))
     hooks.wait_for(sentinel_path, 1, timeout=30)
@@ -278,7 +279,7 @@ def test_a_message_arriving_while_an_attempt_is_in_flight_sends_nothing(
     with celery_worker("callbacks", "callbacks-second", env=CALLBACK_ENV):
         request_id = _new_request(hooks.url(path))
         _fail(request_id)
-        callbacks.send([request_id, request_id, request_id])
+        send_callbacks([request_id, request_id, request_id])
         _wait_state(request_id, CallbackState.DELIVERED, timeout=30)
         time.sleep(1.0)
     assert len(hooks.received(path)) == 1

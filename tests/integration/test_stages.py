@@ -4,6 +4,7 @@ failed exploration tier never fails the answer, and a failing answer tier is rep
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
@@ -28,6 +29,15 @@ from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
 
+T = TypeVar("T")
+
+
+def _one(outcome: T | stages.RequestGone) -> T:
+    """One request's outcome of a batched stage, its being gone raised."""
+    if isinstance(outcome, stages.RequestGone):
+        raise outcome
+    return outcome
+
 
 def _keeper(settings: Settings, **limits: float) -> BudgetKeeper:
     return LocalBudgetKeeper(BudgetLimits.from_settings(settings.model_copy(update=limits)))
@@ -40,9 +50,10 @@ def _route(
     with session_scope(url) as session:
         assert queries.start_step(session, request_id, "route", redelivered=False)
     with session_scope(url) as session:
-        return stages.route_request(
-            session, request_id, RouterService(settings), budget, settings.pool
+        outcomes = stages.route_requests(
+            session, [request_id], RouterService(settings), budget, settings.pool
         )
+        return _one(outcomes[request_id])
 
 
 def _render(request: GenerationRequest) -> Image.Image:
@@ -51,13 +62,13 @@ def _render(request: GenerationRequest) -> Image.Image:
 
 def _generate(url: str, request_id: str, tier: str, store: ImageStore) -> list[Step]:
     with session_scope(url) as session:
-        job = stages.generation_job(session, request_id, tier)
+        job = _one(stages.generation_jobs(session, [(request_id, tier)])[(request_id, tier)])
     image = None
     if job is not None:
         path = store.save(request_id, tier, _render(job))
         image = stages.NewImage(model="m", image_path=path, latency_ms=1.0, worker="w")
     with session_scope(url) as session:
-        return stages.complete_generation(session, request_id, tier, image)
+        return stages.complete_generations(session, {(request_id, tier): image})[(request_id, tier)]
 
 
 def _status(url: str, request_id: str) -> Status:
@@ -74,9 +85,13 @@ def test_routing_twice_records_one_decision_spends_once_and_sends_nothing_twice(
     router = RouterService(settings)
     request_id = submit("a crowd of people in a stadium at night", seed=1).request_id
     with session_scope(clean_db) as session:
-        first = stages.route_request(session, request_id, router, budget, settings.pool)
+        first = _one(
+            stages.route_requests(session, [request_id], router, budget, settings.pool)[request_id]
+        )
     with session_scope(clean_db) as session:
-        again = stages.route_request(session, request_id, router, budget, settings.pool)
+        again = _one(
+            stages.route_requests(session, [request_id], router, budget, settings.pool)[request_id]
+        )
         request = queries.get_request(session, request_id)
         assert request is not None and request.status is Status.ROUTED
         decision = queries.get_decision(session, request_id)
@@ -225,7 +240,8 @@ def test_generation_is_stored_once_per_tier(
     assert _generate(clean_db, request_id, step.tier, store) == [flow.score(step.tier)]
     # A redelivery finds the image, renders nothing and sends no second score.
     with session_scope(clean_db) as session:
-        assert stages.generation_job(session, request_id, step.tier) is None
+        key = (request_id, step.tier)
+        assert _one(stages.generation_jobs(session, [key])[key]) is None
     assert _generate(clean_db, request_id, step.tier, store) == []
     with session_scope(clean_db) as session:
         assert len(queries.generations_of(session, request_id)) == 1
@@ -234,7 +250,7 @@ def test_generation_is_stored_once_per_tier(
         other = "cloud" if step.tier == "edge" else "edge"
         if other not in queries.wanted_tiers(decision):
             with pytest.raises(stages.RequestGone):
-                stages.generation_job(session, request_id, other)
+                _one(stages.generation_jobs(session, [(request_id, other)])[(request_id, other)])
 
 
 def test_a_final_request_is_gone_for_every_stage(
@@ -245,13 +261,14 @@ def test_a_final_request_is_gone_for_every_stage(
         assert queries.fail(session, request_id, "cancelled by test")
         assert {s.status for s in queries.steps_of(session, request_id)} == {StepStatus.ABANDONED}
     with session_scope(clean_db) as session, pytest.raises(stages.RequestGone):
-        stages.route_request(
+        outcomes = stages.route_requests(
             session,
-            request_id,
+            [request_id],
             RouterService(settings),
             budget_keeper_from_settings(settings),
             settings.pool,
         )
+        _one(outcomes[request_id])
 
 
 def test_a_failed_exploration_tier_never_fails_the_answer(
@@ -280,7 +297,8 @@ def test_a_failed_exploration_tier_never_fails_the_answer(
     _generate(clean_db, request_id, answer, store)
     scorer = quality_scorer(settings)
     with session_scope(clean_db) as session:
-        stages.score_image(session, request_id, answer, scorer=scorer, store=store)
+        key = (request_id, answer)
+        _one(stages.score_images(session, [key], scorer=scorer, store=store)[key])
     assert _status(clean_db, request_id) is Status.DONE
     with session_scope(clean_db) as session:
         assert not queries.training_pairs(session, scorer.metrics_version)
@@ -309,7 +327,8 @@ def test_a_failing_answer_tier_is_replaced_by_one_that_works(
     store = ImageStore(settings.image_store)
     assert _generate(clean_db, request_id, other, store) == [flow.score(other)]
     with session_scope(clean_db) as session:
-        stages.score_image(session, request_id, other, scorer=quality_scorer(settings), store=store)
+        key = (request_id, other)
+        _one(stages.score_images(session, [key], scorer=quality_scorer(settings), store=store)[key])
     assert _status(clean_db, request_id) is Status.DONE
     # Its replacement failing too leaves no tier: the request fails with the reason.
     with session_scope(clean_db) as session:
@@ -324,14 +343,14 @@ def _score(
 ) -> list[Step]:
     escalation = stages.Escalation(**escalate) if escalate else None  # type: ignore[arg-type]
     with session_scope(url) as session:
-        return stages.score_image(
+        outcomes = stages.score_images(
             session,
-            request_id,
-            tier,
+            [(request_id, tier)],
             scorer=quality_scorer(settings),
             store=ImageStore(settings.image_store),
             escalation=escalation,
         )
+        return _one(outcomes[(request_id, tier)])
 
 
 def test_an_answer_below_the_threshold_is_made_again_one_tier_up(

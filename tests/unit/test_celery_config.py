@@ -9,18 +9,16 @@ import pytest
 from pydantic import ValidationError
 
 from workers.app import broker
-from workers.app.celery_app import (
+from workers.app.celery_app import celery_config, create_app, prefetch_multiplier
+from workers.app.liveness import node_name
+from workers.app.names import (
     TASK_CALLBACK,
     TASK_GENERATE,
     TASK_RETRAIN,
     TASK_ROUTE,
     TASK_SCORE,
     TASK_SWEEP,
-    celery_config,
-    create_app,
-    prefetch_multiplier,
 )
-from workers.app.liveness import node_name
 from workers.settings import Settings
 
 

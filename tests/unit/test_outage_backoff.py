@@ -4,7 +4,7 @@ lasts, so that the sweeper never counts its steps as lost messages."""
 
 from __future__ import annotations
 
-from workers.engine.tasks import transient_backoff
+from workers.engine.runner import transient_backoff
 from workers.settings import Settings
 
 

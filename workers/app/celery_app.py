@@ -12,23 +12,23 @@ from celery.signals import (
     task_prerun,
     worker_init,
     worker_process_init,
-    worker_process_shutdown,
     worker_ready,
 )
 
 from db.session import dispose_engines, skip_pre_ping
 from workers.app.broker import transport_for
 from workers.app.liveness import mark_busy, mark_idle
+from workers.app.names import (
+    TASK_CALLBACK,
+    TASK_GENERATE,
+    TASK_RETRAIN,
+    TASK_ROUTE,
+    TASK_SCORE,
+    TASK_SWEEP,
+)
 from workers.app.threads import apply_threads
 from workers.pool import Pool
 from workers.settings import Settings, get_settings
-
-TASK_ROUTE = "t2iroute.route"
-TASK_GENERATE = "t2iroute.generate"
-TASK_SCORE = "t2iroute.score"
-TASK_SWEEP = "t2iroute.sweep"
-TASK_RETRAIN = "t2iroute.retrain"
-TASK_CALLBACK = "t2iroute.callback"
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
@@ -162,15 +162,6 @@ def _after_fork(**_: Any) -> None:
     # Pooled database connections inherited from the parent are not fork-safe.
     dispose_engines()
     apply_threads(get_settings().torch_threads, _pool_processes)
-
-
-@worker_process_shutdown.connect
-def _forget_exited_child(pid: int, **_: Any) -> None:
-    # Imported here: prometheus-client picks its mode when first imported
-    # (workers/services/telemetry.py), which importing the app must not do.
-    from workers.services.telemetry import process_exited
-
-    process_exited(pid)
 
 
 @worker_ready.connect

@@ -1,22 +1,29 @@
 """The flow, written once: the steps a request goes through (route, then generate and score
-per tier), the task and message id of each, and how a step is handed on. The task shells
-and the sweeper both send through here.
+per tier), the task and message id of each, how a step is handed on, and the one path by
+which any message reaches the broker (``send_task``): the producer, the task shells, the
+sweeper and the callbacks all send through here.
 
 A step is recorded in ``dispatches`` in the transaction that decides it is needed, and its
 message is sent after that transaction commits. A worker that dies between the two leaves a
 recorded step with no message, which the sweeper finds and re-sends; a message is never
-sent for a step the database does not know."""
+sent for a step the database does not know. A callback is recorded the same way (its
+``callback_deliveries`` row, written by the transaction that ends the request) and its
+message sent by a listener on every session's commit, below: every process that ends a
+request imports this module to send."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from celery import Celery
+from sqlalchemy import event
+from sqlalchemy.orm import Session
 
-from workers.app.celery_app import TASK_GENERATE, TASK_ROUTE, TASK_SCORE
+from db.queries import CALLBACKS_TO_SEND
+from workers.app.names import TASK_CALLBACK, TASK_GENERATE, TASK_ROUTE, TASK_SCORE
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +97,97 @@ class Send:
     number: int = 1
 
 
-def send(app: Celery, sends: Iterable[Send]) -> None:
-    """Send each message. A broker that refuses leaves the step recorded and unsent: the
-    sweeper sends it once the broker is back, so this never fails its caller."""
-    for message in sends:
-        try:
-            app.send_task(
-                message.step.task_name,
-                args=message.step.args(message.request_id),
-                task_id=task_id(message.step, message.request_id, message.number),
-            )
-        except Exception:
-            log.warning(
-                "broker unavailable; %s of %s left to the sweeper",
-                message.step.key,
-                message.request_id,
-                exc_info=True,
-            )
+def celery() -> Celery:
+    """This process's Celery app. Imported when first sent through, not with this module:
+    building the app reads the settings and picks the broker's transport, which a process
+    that imports the flow only to name steps (the HTTP API before its first request) must
+    not do."""
+    from workers.app.celery_app import app
+
+    return app
+
+
+def send_task(
+    app: Celery,
+    name: str,
+    args: Sequence[Any],
+    *,
+    kwargs: dict[str, Any] | None = None,
+    task_id: str | None = None,
+    countdown: float | None = None,
+    retries: int = 0,
+) -> bool:
+    """Send one message; False when the broker refuses it. Every message is recorded in the
+    database before it is sent (a step, a callback delivery), and the sweep sends it again,
+    so a refusal never fails the caller: it is logged on one line (an outage would log the
+    same traceback for every message)."""
+    try:
+        app.send_task(
+            name,
+            args=list(args),
+            kwargs=kwargs,
+            task_id=task_id,
+            countdown=countdown,
+            retries=retries,
+        )
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        log.warning(
+            "broker unavailable (%s: %s); %s left to the sweep",
+            type(exc).__name__,
+            reason,
+            task_id or name,
+        )
+        return False
+    return True
+
+
+def send(app: Celery, sends: Iterable[Send]) -> bool:
+    """Send each message; whether every one went."""
+    sent = [
+        send_task(
+            app,
+            message.step.task_name,
+            message.step.args(message.request_id),
+            task_id=task_id(message.step, message.request_id, message.number),
+        )
+        for message in sends
+    ]
+    return all(sent)
 
 
 def sends_for(request_id: str, steps: Sequence[Step]) -> list[Send]:
     return [Send(request_id, step) for step in steps]
+
+
+def send_callbacks(
+    request_ids: Sequence[str],
+    *,
+    countdown: float | None = None,
+    attempt: int = 1,
+    refusals: int = 0,
+) -> None:
+    """A callback message for each request: its ``attempt``-th, or the one that found its
+    key's slots taken ``refusals`` times."""
+    for request_id in request_ids:
+        send_task(
+            celery(),
+            TASK_CALLBACK,
+            [request_id],
+            kwargs={"refusals": refusals} if refusals else None,
+            countdown=countdown,
+            task_id=f"callback/{request_id}/{attempt}" + (f"/wait{refusals}" if refusals else ""),
+        )
+
+
+@event.listens_for(Session, "after_commit")
+def _send_recorded(session: Session) -> None:
+    """Send the callbacks the committed transaction recorded (``queries.record_callbacks``)."""
+    recorded = session.info.pop(CALLBACKS_TO_SEND, None)
+    if recorded:
+        send_callbacks(recorded)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_recorded(session: Session) -> None:
+    session.info.pop(CALLBACKS_TO_SEND, None)

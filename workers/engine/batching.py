@@ -18,7 +18,7 @@ hand each request its own outcome through Celery's handlers:
 
 Everything is recorded per message, so Flower, the sweeper and the fault suite see the
 messages they saw before. A failure of one request is the task's to handle within the
-batch (workers/engine/tasks.py): it never fails the others.
+batch (workers/engine/runner.py): it never fails the others.
 
 celery-batches does the same buffering, but it acknowledges a batch whose worker died and
 requires celery < 5.7; this is the part of it that t2iroute needs, on Celery's own request

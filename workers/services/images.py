@@ -1,7 +1,7 @@
 """The image store: server-made file names, atomic writes, and every path checked to lie
 inside the store after symlinks are resolved. A store that cannot take a file (full, over
 quota, read-only, denied) raises ``StoreUnavailable``: an outage of the store, not a fault of
-the request (workers/engine/tasks.py retries it as it retries a database outage)."""
+the request (workers/engine/runner.py retries it as it retries a database outage)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from db import queries
 from db.models import GenerationRequest, Status
 from db.session import session_scope
 from workers import egress
-from workers.app.flow import ROUTE, task_id
+from workers.app import flow
 from workers.schemas import request_view
 from workers.settings import Settings, get_settings
 
@@ -418,8 +418,8 @@ def submit(
             request_id = row.id
         if created:
             # Recorded with the request: if the send below fails, the sweeper sends it.
-            queries.record_steps(session, request_id, [ROUTE.key])
-    enqueued = created and _enqueue(request_id)
+            queries.record_steps(session, request_id, [flow.ROUTE.key])
+    enqueued = created and flow.send(flow.celery(), [flow.Send(request_id, flow.ROUTE)])
     return Submitted(request_id=request_id, created=created, enqueued=enqueued)
 
 
@@ -455,26 +455,6 @@ def _check_same(row: GenerationRequest, values: dict[str, Any], spec: RequestSpe
             f"{', '.join(p.field for p in problems)}",
             problems,
         )
-
-
-def _enqueue(request_id: str) -> bool:
-    from workers.app.celery_app import app
-
-    try:
-        app.send_task(
-            ROUTE.task_name, args=ROUTE.args(request_id), task_id=task_id(ROUTE, request_id, 1)
-        )
-    except Exception as exc:
-        # One line, no traceback: during an outage every submit would log the same one.
-        reason = (str(exc).strip().splitlines() or [""])[0]
-        log.warning(
-            "broker unavailable (%s: %s); request %s stays queued for the sweeper",
-            type(exc).__name__,
-            reason,
-            request_id,
-        )
-        return False
-    return True
 
 
 def describe(request_id: str, *, settings: Settings | None = None) -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ serves every pool. Worker series are counters and histograms only, which sum acr
 as they are; ``mark_process_dead`` still runs as a child exits, as prometheus-client asks.
 
 Label values are bounded: tiers are names of the pool (a message for an unknown tier is
-dropped before any of this, workers/engine/tasks.py), quality metrics are ``routing.metrics``'s
+dropped before any of this, workers/engine/runner.py), quality metrics are ``routing.metrics``'s
 names, and every reason and outcome is bucketed into a fixed set here. The scrape-time
 queries are bounded too: requests in flight are read through the partial index of unfinished
 steps (bounded by the backlog, not the history), and the recent requests are those of the last
@@ -112,7 +112,7 @@ __all__ = [
 DecisionOutcome = Literal[
     "granted", "budget_exhausted", "rate_exhausted", "keeper_unavailable", "other"
 ]
-#: The outage a delivery was retried for (workers/engine/tasks.py ``TRANSIENT_ERRORS``).
+#: The outage a delivery was retried for (workers/engine/runner.py ``TRANSIENT_ERRORS``).
 Outage = Literal["database", "redis", "broker", "connection", "store"]
 #: Why an attempt at a step failed.
 FailureReason = Literal["time_limit", "out_of_memory", "io", "error"]

@@ -6,7 +6,8 @@ How a callback is made reliable:
   (``db.queries.transition`` calls ``record_callbacks``), so an ended request with a
   callback URL always has one, whichever worker, sweeper or API call ended it. The message
   that sends it goes after that transaction commits (a SQLAlchemy ``after_commit`` listener
-  below: the request ends in many places, and none of them has to remember it).
+  in ``workers.app.flow``: the request ends in many places, and none of them has to
+  remember it).
 * **One attempt per message, claimed.** The task claims the next attempt with one
   conditional UPDATE (pending, due, not held by another attempt) before it POSTs, so a
   duplicate message, or one arriving while an attempt is in flight, sends nothing.
@@ -53,7 +54,6 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -61,7 +61,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from db import queries
@@ -69,7 +68,7 @@ from db.models import CallbackState, Status
 from db.queries import CallbackClaim, CallbackOutcome
 from db.session import session_scope
 from workers import egress
-from workers.app.celery_app import TASK_CALLBACK, app
+from workers.app.flow import send_callbacks
 from workers.services import callback_slots, telemetry
 from workers.settings import Settings
 
@@ -81,7 +80,6 @@ __all__ = [
     "deliver",
     "payload",
     "resend_overdue",
-    "send",
     "sign",
     "slot_wait",
     "verify_signature",
@@ -409,7 +407,7 @@ def _wait_for_slot(request_id: str, of: str, refusals: int, settings: Settings) 
         log.warning("callback of %s: the slots of %s stay taken; left to the sweep", request_id, of)
         return
     log.info("callback of %s: the slots of %s are taken; again in %.1f s", request_id, of, wait)
-    send([request_id], countdown=wait, refusals=refusals)
+    send_callbacks([request_id], countdown=wait, refusals=refusals)
 
 
 def _attempt(request_id: str, settings: Settings, worker: str | None) -> CallbackState | None:
@@ -445,7 +443,7 @@ def _attempt(request_id: str, settings: Settings, worker: str | None) -> Callbac
     _log(claim, outcome)
     telemetry.record_callback(_metric(exchange, outcome))
     if wait is not None and wait <= _longest_countdown(settings):
-        send([request_id], countdown=wait, attempt=claim.number + 1)
+        send_callbacks([request_id], countdown=wait, attempt=claim.number + 1)
     return outcome.state
 
 
@@ -478,32 +476,6 @@ def _longest_countdown(settings: Settings) -> float:
     return settings.visibility_timeout / 2
 
 
-def send(
-    request_ids: Sequence[str],
-    *,
-    countdown: float | None = None,
-    attempt: int = 1,
-    refusals: int = 0,
-) -> None:
-    """A callback message for each request (``refusals``: how many times it found its key's
-    slots taken). A broker that refuses leaves the pending delivery to the sweep, so this
-    never fails its caller."""
-    for request_id in request_ids:
-        try:
-            app.send_task(
-                TASK_CALLBACK,
-                args=[request_id],
-                kwargs={"refusals": refusals} if refusals else None,
-                countdown=countdown,
-                task_id=f"callback/{request_id}/{attempt}"
-                + (f"/wait{refusals}" if refusals else ""),
-            )
-        except Exception:
-            log.warning(
-                "broker unavailable; callback of %s left to the sweep", request_id, exc_info=True
-            )
-
-
 def resend_overdue(settings: Settings) -> int:
     """Send again the callbacks overdue by ``lost_after_seconds``: their message was lost, or
     an attempt's worker died. A message still on its way only repeats a claim, which then
@@ -514,18 +486,5 @@ def resend_overdue(settings: Settings) -> int:
         overdue = queries.overdue_callbacks(session, cutoff, now, SWEEP_LIMIT)
     for request_id in overdue:
         log.warning("re-sending the callback of %s: it is overdue", request_id)
-    send(overdue)
+    send_callbacks(overdue)
     return len(overdue)
-
-
-@event.listens_for(Session, "after_commit")
-def _send_recorded(session: Session) -> None:
-    """Send the callbacks the committed transaction recorded (``queries.record_callbacks``)."""
-    recorded = session.info.pop(queries.CALLBACKS_TO_SEND, None)
-    if recorded:
-        send(recorded)
-
-
-@event.listens_for(Session, "after_rollback")
-def _forget_recorded(session: Session) -> None:
-    session.info.pop(queries.CALLBACKS_TO_SEND, None)
