@@ -25,7 +25,7 @@ import numpy as np
 
 from routing.data import scalar_quality
 from routing.prs import sigmoid
-from routing.types import PairTable
+from routing.types import PairRouterBase, PairTable
 
 if TYPE_CHECKING:
     from spacy.language import Language
@@ -61,7 +61,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-class RandomRouter:
+class RandomRouter(PairRouterBase):
     """Scores every prompt with a uniform number drawn from a hash of (seed, prompt).
 
     Hashing instead of a running generator makes the score of a prompt independent of the
@@ -94,7 +94,7 @@ def _uniform_hash(text: str) -> float:
     return int.from_bytes(digest, "big") / 2.0**64
 
 
-class _CountRouter(abc.ABC):
+class _CountRouter(PairRouterBase):
     """A decreasing score of a per-prompt count, centred on the training median."""
 
     kind: str
@@ -196,7 +196,7 @@ def _tagger(pipeline: str) -> Language:
     return spacy.load(pipeline, disable=["parser", "ner", "lemmatizer"])
 
 
-class OracleRouter:
+class OracleRouter(PairRouterBase):
     """The upper bound: it knows the true quality of both tiers for every prompt.
 
     It cheats by construction (it reads the labels of the prompts it routes) and exists only

@@ -22,7 +22,7 @@ from transformers.models.bert.modeling_bert import BertLayer
 
 from routing.data import cloud_preference
 from routing.encoder import FrozenTextEncoder
-from routing.types import PairTable
+from routing.types import PairRouterBase, PairTable
 
 STATE_BATCH = 64
 
@@ -106,7 +106,7 @@ class ClsTopLayer(nn.Module):
         return out[:, 0]
 
 
-class BertClassifierRouter:
+class BertClassifierRouter(PairRouterBase):
     """Fine-tuned top encoder layer plus a linear head on [CLS], trained with binary cross
     entropy on the soft label "cloud better" (1, 0, or 1/2 for a tie, as RouteLLM counts
     ties). The score is 1 - P(cloud better), so lower means cloud, like PRS.

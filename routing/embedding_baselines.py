@@ -30,7 +30,7 @@ from torch import nn
 
 from routing.data import cloud_preference, scalar_quality
 from routing.encoder import FrozenTextEncoder
-from routing.types import PairTable
+from routing.types import PairRouterBase, PairTable
 
 
 class PooledEmbeddings:
@@ -61,7 +61,7 @@ def _not_fitted(name: str) -> RuntimeError:
     return RuntimeError(f"{name} is not fitted; call fit() first")
 
 
-class SimilarityRankingRouter:
+class SimilarityRankingRouter(PairRouterBase):
     """Weighted win rate of the cloud over the training prompts, each weighted by
     ``base ** (sim / max_sim)`` (RouteLLM's weighting; its constant factor cancels), sim the
     cosine similarity to the query. A tie counts half a win, as in RouteLLM's arena data.
@@ -119,7 +119,7 @@ def _fit_binary(
     model.eval()
 
 
-class _EmbeddingClassifier(abc.ABC):
+class _EmbeddingClassifier(PairRouterBase):
     """Shared fit/predict of the two trained routers: a torch model from the pooled embedding
     to the logit of P(cloud better), trained on a soft target the subclass defines."""
 

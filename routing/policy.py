@@ -10,12 +10,20 @@ keeper stays the hard guarantee behind it.
 
 Budgets are spend *above the cheapest tier* per request, the unit the budget keeper counts in
 (DESIGN.md: a tier costs cost(tier) - cost(cheapest)).
+
+The rule, written here once: a tier's value is its predicted quality minus lambda times its cost
+(``net_values``), the best value wins and a tie goes to the cheaper tier. ``choose_tiers`` applies
+it to a batch in the form calibration compares in, ``rank_tiers`` orders one prediction's tiers
+by it (the workers' answer, then the replacements when a tier gives up), and ``margins`` is how
+far each prediction is from another choice (the informed exploration's boundary). Two-tier
+routers' PRS become every tier's score through ``pair_scores``; ``break_ties`` separates tied
+scores by a draw fixed per request.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -157,3 +165,66 @@ def routed_mix(
         return cost, value
     share = (budget - cost) / (rich_cost - cost)
     return budget, value + share * (rich_value - value)
+
+
+def net_values(
+    predicted: np.ndarray | Sequence[Sequence[float]],
+    costs: np.ndarray | Sequence[float],
+    lam: float,
+) -> np.ndarray:
+    """quality - lam * cost per prompt and tier: what the policy maximises. A tier a prediction
+    does not score is given -inf by the caller and is never chosen over one it scores."""
+    values: np.ndarray = np.asarray(predicted, dtype=np.float64) - lam * np.asarray(
+        costs, dtype=np.float64
+    )
+    return values
+
+
+def rank_tiers(quality: Mapping[str, float], costs: Mapping[str, float], lam: float) -> list[str]:
+    """The tiers of ``costs`` (cheapest first), best first by ``net_values``; a tie and an
+    infinite lambda go to the cheaper tier."""
+    if math.isinf(lam):
+        return list(costs)
+    names = list(costs)
+    row = [quality.get(t, -math.inf) for t in names]
+    value = dict(zip(names, net_values([row], list(costs.values()), lam)[0], strict=True))
+    return sorted(names, key=lambda t: (-value[t], costs[t]))
+
+
+def margins(
+    predicted: np.ndarray | Sequence[Sequence[float]],
+    costs: np.ndarray | Sequence[float],
+    lam: float,
+) -> np.ndarray:
+    """Per prediction (prompts, tiers), how far the policy is from choosing another tier: the
+    best tier's net value minus the runner-up's. 0 is a tie; an infinite lambda (everything on
+    the cheapest tier), a single tier or no predictions give +inf."""
+    p = np.asarray(predicted, dtype=np.float64)
+    if math.isinf(lam) or p.ndim != 2 or p.shape[1] < 2 or p.shape[0] == 0:
+        return np.full(len(p), math.inf)
+    top_two = -np.sort(-net_values(p, costs, lam), axis=1)[:, :2]
+    gap: np.ndarray = top_two[:, 0] - top_two[:, 1]
+    return gap
+
+
+def pair_scores(prs: np.ndarray | Sequence[float], n_tiers: int) -> np.ndarray:
+    """A two-tier router's PRS as scores of every tier of a pool, cheapest first (prompts,
+    tiers): the cheapest 1/2 and the dearest 1 - PRS (under which the rule is RouteT2I's
+    PRS < alpha, above), the tiers between spread by their rank in cost: the harder the prompt
+    for the cheapest tier, the more every dearer tier is worth."""
+    steps = max(n_tiers - 1, 1)
+    column = np.asarray(prs, dtype=np.float64).reshape(-1, 1)
+    scores: np.ndarray = 0.5 + (0.5 - column) * np.arange(n_tiers) / steps
+    return scores
+
+
+# Scores that tie (a heuristic's equal word counts) are told apart by the request: a block
+# of tied prompts can then be bought in part, so calibration can meet the budget inside it.
+TIE_BREAK = 1e-6
+
+
+def break_ties(quality: Mapping[str, float], draw: float, cheapest: str) -> dict[str, float]:
+    """``quality`` with every dearer tier's score moved by less than ``TIE_BREAK``, by a draw
+    in [0, 1) fixed per request; the cheapest tier's score stays."""
+    shift = TIE_BREAK * (draw - 0.5)
+    return {tier: score + (shift if tier != cheapest else 0.0) for tier, score in quality.items()}

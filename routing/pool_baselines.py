@@ -39,7 +39,7 @@ from routing.baselines import WORD
 from routing.data import pool_scalar_quality
 from routing.embedding_baselines import FitSettings, PooledEmbeddings
 from routing.encoder import default_encoder_path
-from routing.types import PoolTable
+from routing.types import PoolRouterBase, PoolTable
 
 if TYPE_CHECKING:
     from routing.mf_model import PoolMF
@@ -52,7 +52,7 @@ def _not_fitted(name: str) -> RuntimeError:
     return RuntimeError(f"{name} is not fitted; call fit() first")
 
 
-class _SavedPoolRouter(abc.ABC):
+class _SavedPoolRouter(PoolRouterBase):
     """Save and load as ``config.json`` (settings, tiers) and ``arrays.safetensors`` (the
     fitted arrays): a loaded router predicts what the saved one did, exactly but for the last
     bits of a prompt embedding, which depend on the batch the prompt was encoded in."""
@@ -110,7 +110,7 @@ def _uniform(text: str) -> float:
     return int.from_bytes(digest, "big") / 2.0**64
 
 
-class RandomPoolRouter:
+class RandomPoolRouter(PoolRouterBase):
     """Training mean per tier plus noise as wide as the spread of the tier means, so that at
     every lambda where tiers are close the choice among them is a coin flip per prompt."""
 
@@ -415,7 +415,7 @@ class MatrixFactorisationPoolRouter(_SavedPoolRouter):
         return router
 
 
-class OraclePoolRouter:
+class OraclePoolRouter(PoolRouterBase):
     """The upper bound: it reads the true quality of every tier for the prompts it routes.
     Never deploy or report it as a method."""
 

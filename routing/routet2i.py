@@ -27,8 +27,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from routing.encoder import FrozenTextEncoder, default_encoder_path
+from routing.policy import pair_scores
 from routing.prs import PRSParams, check_weights
-from routing.types import PAIR_TIERS, PairTable, PoolTable, as_pool
+from routing.types import (
+    PAIR_TIERS,
+    PairRouterBase,
+    PairTable,
+    PoolRouterBase,
+    PoolTable,
+    TierQuality,
+    as_pool,
+)
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -254,7 +263,7 @@ def _batches(n: int, size: int, generator: torch.Generator | None = None) -> Ite
     yield from order.split(size)
 
 
-class RouteT2IRouter:
+class RouteT2IRouter(PairRouterBase, PoolRouterBase):
     """The RouteT2I method behind the ``PersistentRouter`` interface (a pair: ``predict_prs``)
     and the ``PoolRouter`` one (any pool: ``predict_quality``, the superiority of each tier
     over the reference tier)."""
@@ -428,6 +437,14 @@ class RouteT2IRouter:
             raise ValueError(f"{self.name} routes a pool of {len(self.tiers)} tiers, not a pair")
         prs, distance = self.predict_tiers(prompts)
         return prs[:, 0], distance[:, 0]
+
+    def predict_tier_quality(self, prompts: Sequence[str], tiers: Sequence[str]) -> TierQuality:
+        """On a pair of tiers, the pair router's scores with its D_i from the same forward pass;
+        on a pool, ``predict_quality`` over the tiers it was fitted on."""
+        if len(tiers) != 2:
+            return TierQuality(self.tiers, self.predict_quality(prompts))
+        prs, distance = self.predict_with_metrics(prompts)
+        return TierQuality(tuple(tiers), pair_scores(prs, 2), distance)
 
     def predict_prs(self, prompts: Sequence[str]) -> np.ndarray:
         """Predicted PRS in (0, 1) per prompt: below 1/2 the cloud image is expected better."""

@@ -1,15 +1,23 @@
 """The shapes every router and the harness share: tables of labelled prompts (a pair of tiers,
 or a pool of any number) and the router interfaces (after RouteLLM: a router scores a prompt;
-a policy makes the choice)."""
+a policy makes the choice).
+
+A router implements one method of its kind: ``predict_prs`` for a pair, ``predict_quality`` for
+a pool. Its base class (``PairRouterBase``, ``PoolRouterBase``) turns that into the one method
+that serving calls, ``predict_tier_quality``: every tier's score and, where the router predicts
+them, RouteT2I's per-metric D_i, from one call."""
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Self, runtime_checkable
 
 import numpy as np
+
+from routing.policy import pair_scores
 
 
 @dataclass(frozen=True)
@@ -176,3 +184,45 @@ class PersistentPoolRouter(PoolRouter, Protocol):
 
     @classmethod
     def load(cls, path: Path) -> Self: ...
+
+
+@dataclass(frozen=True)
+class TierQuality:
+    """Every tier's score per prompt (prompts, tiers), columns in the order of ``tiers``, higher
+    is better; and the per-metric D_i (prompts, metrics) where the router predicts them."""
+
+    tiers: tuple[str, ...]
+    quality: np.ndarray
+    metrics: np.ndarray | None = None
+
+
+@runtime_checkable
+class TierScorer(Protocol):
+    """What serving calls: every tier's score for a batch of prompts, given the pool's tiers
+    (cheapest first)."""
+
+    def predict_tier_quality(self, prompts: Sequence[str], tiers: Sequence[str]) -> TierQuality: ...
+
+
+class PairRouterBase(abc.ABC):
+    """The base of the pair routers: implement ``predict_prs``; the base class scores every
+    tier of a pool from it (``routing.policy.pair_scores``)."""
+
+    @abc.abstractmethod
+    def predict_prs(self, prompts: Sequence[str]) -> np.ndarray: ...
+
+    def predict_tier_quality(self, prompts: Sequence[str], tiers: Sequence[str]) -> TierQuality:
+        return TierQuality(tuple(tiers), pair_scores(self.predict_prs(prompts), len(tiers)))
+
+
+class PoolRouterBase(abc.ABC):
+    """The base of the pool routers: implement ``predict_quality``, whose columns are the tiers
+    the router was fitted on (its ``tiers``; those of the pool asked for when it records none:
+    the evaluation-only random and oracle routers)."""
+
+    @abc.abstractmethod
+    def predict_quality(self, prompts: Sequence[str]) -> np.ndarray: ...
+
+    def predict_tier_quality(self, prompts: Sequence[str], tiers: Sequence[str]) -> TierQuality:
+        own: tuple[str, ...] = getattr(self, "tiers", tuple(tiers))
+        return TierQuality(own, self.predict_quality(prompts))

@@ -152,7 +152,7 @@ def test_workers_follow_promotion_and_rollback_without_restart(
 ) -> None:
     service_settings = settings.model_copy(update={"router_reload_seconds": 0.0})
     # Imported here: the runtime pulls in diffusers, which the other tests do not need.
-    from workers.services.runtime import RouterService
+    from workers.services.router import RouterService
 
     service = RouterService(service_settings)
     baseline = f"baseline:{settings.default_policy}"

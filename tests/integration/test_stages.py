@@ -24,7 +24,8 @@ from workers.services.budget import (
 )
 from workers.services.images import ImageStore
 from workers.services.producer import submit
-from workers.services.runtime import RouterService, quality_scorer
+from workers.services.router import RouterService
+from workers.services.runtime import quality_scorer
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from workers.pool import Pool, TierSpec
 from workers.services import exploration
-from workers.services.runtime import answer_budget
+from workers.services.router import answer_budget
 from workers.settings import Settings
 
 POOL = Pool(
@@ -82,7 +82,8 @@ def test_the_answers_budget_leaves_room_for_exploration() -> None:
 
 
 def test_ties_are_broken_by_the_request_and_by_less_than_any_real_gap() -> None:
-    from workers.services.runtime import TIE_BREAK, Prediction, break_ties
+    from routing.policy import TIE_BREAK
+    from workers.services.router import Prediction, break_ties
 
     tied = Prediction({"edge": 0.5, "mid": 0.6, "cloud": 0.6}, None, "v")
     broken = [break_ties(tied, rid, POOL) for rid in IDS[:200]]

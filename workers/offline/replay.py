@@ -38,7 +38,7 @@ from routing.types import PoolTable, Router
 from workers import stages
 from workers.services.budget import budget_keeper_from_settings
 from workers.services.retraining import QualitySource, held_out_apgr, retrain_router
-from workers.services.runtime import RouterService
+from workers.services.router import RouterService
 from workers.settings import Settings
 
 RATINGS = QualitySource(metrics_version="recorded-rating", metrics=(RATING_METRIC,))

@@ -29,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 
+from routing import policy
 from workers.pool import Pool
 
 Strategy = Literal["uniform", "margin"]
@@ -55,17 +56,15 @@ def in_uniform_slice(request_id: str, strategy: str, exploration_rate: float, sh
 
 
 def margins(predicted: Sequence[Mapping[str, float]], pool: Pool, tradeoff: float) -> np.ndarray:
-    """Per prediction, how far the policy is from choosing another tier: the best tier's
-    score (predicted quality minus ``tradeoff`` times cost) minus the runner-up's. 0 is a
-    tie; an infinite tradeoff (everything on the cheapest tier) gives +inf."""
-    if math.isinf(tradeoff) or len(pool) < 2 or not predicted:
-        return np.full(len(predicted), math.inf)
-    costs = np.array([t.cost for t in pool])
-    scores = np.array([[p.get(t.name, -math.inf) for t in pool] for p in predicted], dtype=float)
-    scores = scores - tradeoff * costs
-    top_two = -np.sort(-scores, axis=1)[:, :2]
-    gap: np.ndarray = top_two[:, 0] - top_two[:, 1]
-    return gap
+    """Per prediction, how far the policy is from choosing another tier
+    (``routing.policy.margins``) over the pool's tiers; a tier a prediction does not score
+    is never its choice."""
+    scores = [[p.get(t.name, -math.inf) for t in pool] for p in predicted]
+    return policy.margins(
+        np.array(scores, dtype=float).reshape(len(predicted), len(pool)),
+        [t.cost for t in pool],
+        tradeoff,
+    )
 
 
 def margin_threshold(recent: np.ndarray, exploration_rate: float, share: float) -> float:

@@ -21,7 +21,7 @@ operator can inspect it and promote it by hand (``t2iroute models promote``); a 
 is ``workers.services.router_versions.promote``, the operator's own. All database
 writes happen in one transaction after the files are saved: a run that fails anywhere leaves
 the serving version as it was. Router workers pick a promoted version up without a restart
-(``workers.services.runtime.RouterService.refresh``). Runs are serialised by ``retrain_lock``.
+(``workers.services.router.RouterService.refresh``). Runs are serialised by ``retrain_lock``.
 """
 
 from __future__ import annotations

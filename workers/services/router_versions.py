@@ -3,7 +3,7 @@
 ``router_versions.is_active`` says which version serves now and ``router_events`` how it
 came to (migration 0005); every interval a version served is read back from that history.
 Router workers pick a change up at their next refresh
-(``workers.services.runtime.RouterService.refresh``), with no restart.
+(``workers.services.router.RouterService.refresh``), with no restart.
 
 ``promote`` is the one promotion sequence: an operator's ``promote_version`` and the
 retraining gate (``workers.services.retraining``) both call it. Every function takes the

@@ -12,11 +12,11 @@ from sqlalchemy.orm import Session
 from db import queries
 from db.models import RoutingDecision, Status, StepStatus
 from routing.metrics import METRICS_VERSION
+from routing.policy import rank_tiers
 from workers.app import flow
 from workers.app.flow import Step
 from workers.pool import Pool
 from workers.services.budget import BudgetKeeper
-from workers.stages.route import rank_tiers
 
 __all__ = ["charges", "escalation_charge", "give_up"]
 
@@ -103,7 +103,7 @@ def give_up(
     down = queries.unavailable_tiers(session)
     candidates = [
         tier
-        for tier in rank_tiers(decision.predicted_quality, pool, decision.tradeoff)
+        for tier in rank_tiers(decision.predicted_quality, pool.costs(), decision.tradeoff)
         if tier != step.tier
         and tier not in down
         and queries.step_status(session, request_id, flow.generate(tier).key) not in given_up

@@ -3,33 +3,22 @@ the tiers, the budget keeper's grant, and one decision per request."""
 
 from __future__ import annotations
 
-import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
 
 from db import queries
 from db.models import RoutingDecision, Status
+from routing.policy import rank_tiers
 from workers.app import flow
 from workers.pool import Pool
 from workers.services import telemetry
 from workers.services.budget import BudgetKeeper
-from workers.services.runtime import RouterService, break_ties
+from workers.services.router import RouterService, break_ties
 from workers.stages.common import Outcome, RequestGone, hand_on, live_requests
 
-__all__ = ["rank_tiers", "route_requests"]
-
-
-def rank_tiers(quality: Mapping[str, float], pool: Pool, tradeoff: float) -> list[str]:
-    """The pool's tiers, best first by predicted quality minus ``tradeoff`` times cost (the
-    policy's rule, routing/policy.py); ties and an infinite tradeoff go to the cheaper."""
-    if math.isinf(tradeoff):
-        return list(pool.names)
-    return sorted(
-        pool.names,
-        key=lambda t: (-(quality.get(t, -math.inf) - tradeoff * pool[t].cost), pool[t].cost),
-    )
+__all__ = ["route_requests"]
 
 
 def _exploration(request_id: str, pool: Pool, available: Sequence[str]) -> list[str]:
@@ -72,7 +61,7 @@ def route_requests(
         ]
         tradeoff = router.tradeoff(session)
         down = queries.unavailable_tiers(session)
-        rankings = [rank_tiers(p.quality, pool, tradeoff) for p in predictions]
+        rankings = [rank_tiers(p.quality, pool.costs(), tradeoff) for p in predictions]
         offered = [[t for t in ranking if t not in down] or ranking for ranking in rankings]
         explore = router.explore(new, predictions)
         grants = budget.decide_many(
