@@ -30,6 +30,7 @@ from db.queries.common import database_now, insert_ignore, insert_ignore_many
 from db.queries.decisions import (
     get_decision,
     get_decisions,
+    latest_decision,
     latest_tradeoff,
     recent_predictions,
     recent_spend,
@@ -46,7 +47,23 @@ from db.queries.generations import (
     scored_tiers_many,
 )
 from db.queries.pairs import labelled_pairs, labelled_prompts, training_pairs
-from db.queries.reports import Spend, spend_since, status_counts
+from db.queries.reports import (
+    BatchRows,
+    Spend,
+    WindowDecision,
+    batch_rows,
+    recent_states,
+    requests_by_state_and_tier,
+    spend_since,
+    status_counts,
+    window_answer_times,
+    window_answers,
+    window_decisions,
+    window_done,
+    window_latencies,
+    window_quality,
+    window_score_times,
+)
 from db.queries.requests import (
     Cancellation,
     RequestFilter,
@@ -92,6 +109,7 @@ from db.queries.versions import (
 
 __all__ = [
     "CALLBACKS_TO_SEND",
+    "BatchRows",
     "CallbackClaim",
     "CallbackOutcome",
     "Cancellation",
@@ -99,7 +117,9 @@ __all__ = [
     "RequestFilter",
     "Spend",
     "StepStart",
+    "WindowDecision",
     "active_router_version",
+    "batch_rows",
     "callback_attempts",
     "callback_delivery",
     "callback_secret_of",
@@ -123,6 +143,7 @@ __all__ = [
     "insert_ignore_many",
     "labelled_pairs",
     "labelled_prompts",
+    "latest_decision",
     "latest_tradeoff",
     "list_requests",
     "mark_seen",
@@ -133,12 +154,14 @@ __all__ = [
     "quality_scores_of",
     "recent_predictions",
     "recent_spend",
+    "recent_states",
     "record_callbacks",
     "record_router_event",
     "record_steps",
     "record_steps_many",
     "record_tier_failure",
     "record_tier_success",
+    "requests_by_state_and_tier",
     "router_events",
     "router_version",
     "router_versions",
@@ -158,4 +181,11 @@ __all__ = [
     "transition_many",
     "unavailable_tiers",
     "wanted_tiers",
+    "window_answer_times",
+    "window_answers",
+    "window_decisions",
+    "window_done",
+    "window_latencies",
+    "window_quality",
+    "window_score_times",
 ]

@@ -13,6 +13,7 @@ from db.models import RoutingDecision
 __all__ = [
     "get_decision",
     "get_decisions",
+    "latest_decision",
     "latest_tradeoff",
     "recent_predictions",
     "recent_spend",
@@ -86,3 +87,13 @@ def latest_tradeoff(session: Session) -> float | None:
     return session.scalar(
         select(RoutingDecision.tradeoff).order_by(RoutingDecision.id.desc()).limit(1)
     )
+
+
+def latest_decision(session: Session) -> tuple[float, str] | None:
+    """The trade-off parameter and the router version of the most recent decision."""
+    row = session.execute(
+        select(RoutingDecision.tradeoff, RoutingDecision.router_version)
+        .order_by(RoutingDecision.id.desc())
+        .limit(1)
+    ).first()
+    return None if row is None else (float(row[0]), str(row[1]))

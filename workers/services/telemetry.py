@@ -40,7 +40,6 @@ database is the record.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import time
@@ -74,11 +73,10 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db import queries
-from db.models import Dispatch, GenerationRequest, RoutingDecision, Status
+from db.models import Status
 from db.session import session_scope
 from workers.services.budget import BudgetKeeper, BudgetLimits, budget_keeper_from_settings
 from workers.services.images import StoreUnavailable
@@ -514,54 +512,6 @@ STATE_FAMILIES: tuple[Family, ...] = (
 )
 
 
-def _in_flight(session: Session) -> list[tuple[Status, str | None, int]]:
-    """Requests queued or routed with a step open, by state and answering tier: the partial
-    index of unfinished steps, then one primary-key lookup per request."""
-    open_requests = (
-        select(Dispatch.request_id).where(Dispatch.finished_at.is_(None)).distinct().subquery()
-    )
-    rows = session.execute(
-        select(GenerationRequest.status, RoutingDecision.tier, func.count())
-        .select_from(open_requests)
-        .join(GenerationRequest, GenerationRequest.id == open_requests.c.request_id)
-        .outerjoin(RoutingDecision, RoutingDecision.request_id == GenerationRequest.id)
-        .where(GenerationRequest.status.in_((Status.QUEUED, Status.ROUTED)))
-        .group_by(GenerationRequest.status, RoutingDecision.tier)
-    )
-    return [(Status(status), tier, int(n)) for status, tier, n in rows]
-
-
-def _recent(session: Session, window: int) -> list[tuple[Status, str, int]]:
-    """The states of the requests of the last ``window`` decisions, by answering tier: the
-    decisions backwards along their primary key, then their requests by primary key (two
-    statements, so that no plan can read the whole request table for them)."""
-    recent = session.execute(
-        select(RoutingDecision.request_id, RoutingDecision.tier)
-        .order_by(RoutingDecision.id.desc())
-        .limit(window)
-    ).all()
-    states = dict(
-        session.execute(
-            select(GenerationRequest.id, GenerationRequest.status).where(
-                GenerationRequest.id.in_([rid for rid, _ in recent])
-            )
-        ).all()
-    )
-    counts = collections.Counter(
-        (Status(states[rid]), tier) for rid, tier in recent if rid in states
-    )
-    return [(state, tier, n) for (state, tier), n in counts.items()]
-
-
-def _latest_decision(session: Session) -> tuple[float, str] | None:
-    row = session.execute(
-        select(RoutingDecision.tradeoff, RoutingDecision.router_version)
-        .order_by(RoutingDecision.id.desc())
-        .limit(1)
-    ).first()
-    return None if row is None else (float(row[0]), str(row[1]))
-
-
 def _counts(
     family: Family,
     rows: Iterable[tuple[Status, str | None, int]],
@@ -608,8 +558,9 @@ class DatabaseCollector(StateCollector):
     def _read(self, session: Session, settings: Settings) -> Iterator[Metric]:
         tiers = settings.pool.names
         routed = [(Status.ROUTED.value, tier) for tier in tiers]
-        yield _counts(IN_FLIGHT, _in_flight(session), [(Status.QUEUED.value, ""), *routed])
-        recent = _recent(session, settings.metrics_window)
+        in_flight = queries.requests_by_state_and_tier(session, in_flight=True)
+        yield _counts(IN_FLIGHT, in_flight, [(Status.QUEUED.value, ""), *routed])
+        recent = queries.recent_states(session, settings.metrics_window)
         yield _counts(RECENT, recent, [(state.value, tier) for state in Status for tier in tiers])
         yield from self._tier_health(session)
         yield from self._router(session, settings)
@@ -634,7 +585,7 @@ class DatabaseCollector(StateCollector):
             info = {"version": active.version, "kind": active.kind}
         router.add_metric([], info)  # type: ignore[attr-defined]
         yield router
-        latest = _latest_decision(session)
+        latest = queries.latest_decision(session)
         if latest is None:
             return
         tradeoff, version = latest

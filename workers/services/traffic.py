@@ -18,12 +18,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db import queries
-from db.models import FINAL_STATUSES, Generation, GenerationRequest, QualityScore, RoutingDecision
-from db.models import Status as RequestStatus
+from db.models import FINAL_STATUSES
 from workers.pool import Pool
 from workers.services.budget import BudgetLimits
 from workers.settings import Settings
@@ -117,52 +115,29 @@ class BatchOutcome:
 def batch_outcome(session: Session, request_ids: Sequence[str]) -> BatchOutcome:
     """The outcome of these requests, in their order, in four statements."""
     ids = list(request_ids)
-    requests = {
-        row.id: row
-        for row in session.execute(
-            select(
-                GenerationRequest.id, GenerationRequest.status, GenerationRequest.failure_reason
-            ).where(GenerationRequest.id.in_(ids))
-        )
-    }
-    tiers = {
-        request_id: tier
-        for request_id, tier in session.execute(
-            select(RoutingDecision.request_id, RoutingDecision.tier).where(
-                RoutingDecision.request_id.in_(ids)
-            )
-        )
-    }
+    rows = queries.batch_rows(session, ids)
     images: dict[tuple[str, str], str] = {}
     made: Counter[str] = Counter()
-    for request_id, tier, path in session.execute(
-        select(Generation.request_id, Generation.tier, Generation.image_path).where(
-            Generation.request_id.in_(ids)
-        )
-    ):
+    for request_id, tier, path in rows.images:
         images[(request_id, tier)] = path
         made[tier] += 1
     scores: dict[tuple[str, str], float] = {}
     by_tier: defaultdict[str, list[float]] = defaultdict(list)
-    for request_id, tier, score in session.execute(
-        select(QualityScore.request_id, QualityScore.tier, QualityScore.mean_score).where(
-            QualityScore.request_id.in_(ids)
-        )
-    ):
+    for request_id, tier, score in rows.scores:
         scores[(request_id, tier)] = score
         by_tier[tier].append(score)
     outcomes = []
     for request_id in ids:
-        row = requests.get(request_id)
-        answer = tiers.get(request_id)
+        state, reason = rows.requests.get(request_id, (None, None))
+        answer = rows.answers.get(request_id)
         outcomes.append(
             RequestOutcome(
                 request_id=request_id,
-                status=RequestStatus(row.status).value if row is not None else "unknown",
+                status=state.value if state is not None else "unknown",
                 tier=answer,
                 image=images.get((request_id, answer)) if answer else None,
                 quality=scores.get((request_id, answer)) if answer else None,
-                failure_reason=row.failure_reason if row is not None else None,
+                failure_reason=reason,
             )
         )
     return BatchOutcome(
@@ -241,26 +216,10 @@ def read_window(session: Session, settings: Settings, span: timedelta) -> Window
     """Gather the report of the requests created in the last ``span`` (database clock)."""
     until = queries.database_now(session)
     since = until - span
-    in_window = GenerationRequest.created_at >= since
     states: dict[str, Counter[str]] = defaultdict(Counter)
-    for status, tier, n in session.execute(
-        select(GenerationRequest.status, RoutingDecision.tier, func.count())
-        .outerjoin(RoutingDecision, RoutingDecision.request_id == GenerationRequest.id)
-        .where(in_window)
-        .group_by(GenerationRequest.status, RoutingDecision.tier)
-    ):
-        states[RequestStatus(status).value][tier or UNDECIDED] += int(n)
-    decisions = session.execute(
-        select(
-            RoutingDecision.router_version,
-            RoutingDecision.created_at,
-            RoutingDecision.tradeoff,
-            RoutingDecision.spent,
-        )
-        .join(GenerationRequest, GenerationRequest.id == RoutingDecision.request_id)
-        .where(in_window)
-        .order_by(RoutingDecision.id)
-    ).all()
+    for status, tier, n in queries.requests_by_state_and_tier(session, created_since=since):
+        states[status.value][tier or UNDECIDED] += n
+    decisions = queries.window_decisions(session, since)
     limits = BudgetLimits.from_settings(settings)
     tradeoffs = [d.tradeoff for d in decisions]
     return WindowReport(
@@ -280,40 +239,13 @@ def read_window(session: Session, settings: Settings, span: timedelta) -> Window
 
 
 def _tier_stats(session: Session, pool: Pool, since: datetime) -> list[TierStats]:
-    in_window = GenerationRequest.created_at >= since
-    answers: Counter[str] = Counter(
-        {
-            tier: int(n)
-            for tier, n in session.execute(
-                select(RoutingDecision.tier, func.count())
-                .join(GenerationRequest, GenerationRequest.id == RoutingDecision.request_id)
-                .where(in_window)
-                .group_by(RoutingDecision.tier)
-            )
-        }
-    )
+    answers = Counter(queries.window_answers(session, since))
     latencies: defaultdict[str, list[float]] = defaultdict(list)
-    for tier, latency in session.execute(
-        select(Generation.tier, Generation.latency_ms)
-        .join(GenerationRequest, GenerationRequest.id == Generation.request_id)
-        .where(in_window)
-    ):
+    for tier, latency in queries.window_latencies(session, since):
         latencies[tier].append(latency)
-    quality = {
-        tier: (float(mean), int(n))
-        for tier, mean, n in session.execute(
-            select(QualityScore.tier, func.avg(QualityScore.mean_score), func.count())
-            .join(GenerationRequest, GenerationRequest.id == QualityScore.request_id)
-            .where(in_window)
-            .group_by(QualityScore.tier)
-        )
-    }
+    quality = queries.window_quality(session, since)
     end_to_end: defaultdict[str, list[float]] = defaultdict(list)
-    for tier, created, updated in session.execute(
-        select(RoutingDecision.tier, GenerationRequest.created_at, GenerationRequest.updated_at)
-        .join(GenerationRequest, GenerationRequest.id == RoutingDecision.request_id)
-        .where(in_window, GenerationRequest.status == RequestStatus.DONE)
-    ):
+    for tier, created, updated in queries.window_done(session, since):
         end_to_end[tier].append((_utc(updated) - _utc(created)).total_seconds())
     costs = pool.costs()
     return [
@@ -383,24 +315,15 @@ def read_series(session: Session, pool: Pool, report: WindowReport, bins: int) -
     """Bins of equal width over the report's window, by the request's creation time."""
     width = (report.until - report.since) / bins
     starts = [report.since + i * width for i in range(bins)]
-    in_window = GenerationRequest.created_at >= report.since
 
     def bin_of(moment: datetime) -> int:
         return min(int((_utc(moment) - report.since) / width), bins - 1)
 
     answers: defaultdict[str, list[int]] = defaultdict(lambda: [0] * bins)
-    for tier, created in session.execute(
-        select(RoutingDecision.tier, GenerationRequest.created_at)
-        .join(GenerationRequest, GenerationRequest.id == RoutingDecision.request_id)
-        .where(in_window)
-    ):
+    for tier, created in queries.window_answer_times(session, report.since):
         answers[tier][bin_of(created)] += 1
     sums: defaultdict[str, list[list[float]]] = defaultdict(lambda: [[] for _ in range(bins)])
-    for tier, created, score in session.execute(
-        select(QualityScore.tier, GenerationRequest.created_at, QualityScore.mean_score)
-        .join(GenerationRequest, GenerationRequest.id == QualityScore.request_id)
-        .where(in_window)
-    ):
+    for tier, created, score in queries.window_score_times(session, report.since):
         sums[tier][bin_of(created)].append(score)
     tiers = tier_order(pool, [*answers, *sums])
     totals = [sum(answers[t][i] for t in answers) for i in range(bins)]
