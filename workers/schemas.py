@@ -1,30 +1,91 @@
-"""Where a request stands, as one typed view: its state and timestamps, each step's timings
-(from ``dispatches``), the routing decision, every image with its per-metric quality, and
-what the caller attached. The HTTP API answers it (its OpenAPI schema is these models), the
-CLI prints it, and the producer's ``describe`` returns it as plain JSON."""
+"""The HTTP API's wire models: what it accepts and answers, and what the Python client
+(``workers.entrypoints.client``) reads back, as vLLM's ``entrypoints/openai/protocol.py``
+serves its server and clients alike. The API's OpenAPI schema is these models.
+
+Pure pydantic: nothing here reads a database (``workers.services.views`` builds a
+``RequestView`` from the rows), so that the client needs none of the server's stack. Fields
+the API adds later are ignored, not refused, so that an older client keeps working against a
+newer server."""
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
-from sqlalchemy.orm import Session
-
-from db import queries
-from db.models import Dispatch, GenerationRequest, QualityScore, RoutingDecision, Status
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "FINAL_STATES",
+    "Accepted",
+    "BudgetView",
     "DecisionView",
+    "FieldError",
     "GenerationView",
+    "ProblemDetails",
     "QualityView",
+    "Readiness",
+    "RequestPage",
+    "RequestSummary",
     "RequestView",
+    "Status",
     "StepView",
-    "request_view",
 ]
 
 
-class StepView(BaseModel):
+# The wire's twin of db.models.Status, docstring included (the OpenAPI schema shows it);
+# tests/unit/test_schemas.py holds the two to the same values.
+class Status(enum.StrEnum):
+    """queued: waiting for the router. routed: a tier was chosen, images and scores pending.
+    done, failed and cancelled are final; failed carries a reason. cancelled: its caller
+    withdrew it before any generation started (``db.queries.cancel``)."""
+
+    QUEUED = "queued"
+    ROUTED = "routed"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+#: The states a request never leaves.
+FINAL_STATES = frozenset({Status.DONE, Status.FAILED, Status.CANCELLED})
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+# --- problems (RFC 9457) -----------------------------------------------------------------------
+
+
+class FieldError(_Wire):
+    field: str
+    detail: str
+
+
+class ProblemDetails(_Wire):
+    """RFC 9457 problem details; ``errors`` names each offending field."""
+
+    type: str = Field(examples=["urn:t2iroute:problem:invalid-request"])
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError]
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+class Accepted(_Wire):
+    id: str
+    created: bool = Field(description="False when an earlier request had this idempotency key")
+    enqueued: bool = Field(description="False when the broker was down: the sweeper sends it")
+
+
+# --- one request -------------------------------------------------------------------------------
+
+
+class StepView(_Wire):
     """One step (``route``, ``generate:TIER``, ``score:TIER``) and its timings."""
 
     step: str
@@ -41,7 +102,7 @@ class StepView(BaseModel):
     ran_ms: float | None = Field(description="Milliseconds from its last start to its end")
 
 
-class DecisionView(BaseModel):
+class DecisionView(_Wire):
     """What the router decided, and what the budget keeper granted."""
 
     tier: str = Field(description="The tier whose image answers")
@@ -59,7 +120,7 @@ class DecisionView(BaseModel):
     decided_at: datetime
 
 
-class QualityView(BaseModel):
+class QualityView(_Wire):
     """An image's contrastive quality, metric by metric."""
 
     metrics_version: str
@@ -67,7 +128,7 @@ class QualityView(BaseModel):
     scores: dict[str, float]
 
 
-class GenerationView(BaseModel):
+class GenerationView(_Wire):
     """One image: its tier and model, how long it took, where it is, how good it is."""
 
     tier: str
@@ -80,7 +141,7 @@ class GenerationView(BaseModel):
     quality: list[QualityView]
 
 
-class RequestView(BaseModel):
+class RequestView(_Wire):
     """Where a request stands."""
 
     id: str
@@ -104,94 +165,55 @@ class RequestView(BaseModel):
     stages: list[StepView]
     generations: list[GenerationView]
 
+    @property
+    def final(self) -> bool:
+        """True once the request is done, failed or cancelled."""
+        return self.status in FINAL_STATES
 
-def _ms(start: datetime | None, end: datetime | None) -> float | None:
-    return None if start is None or end is None else (end - start).total_seconds() * 1000.0
+
+class RequestSummary(_Wire):
+    """A request in a listing; its URL has the whole view."""
+
+    id: str
+    status: Status
+    tier: str | None = Field(description="The tier routed to, once routed")
+    created_at: datetime
+    updated_at: datetime
+    idempotency_key: str | None
+    failure_reason: str | None
+    metadata: dict[str, Any] | None
+    url: str
 
 
-def _step(row: Dispatch) -> StepView:
-    return StepView(
-        step=row.step,
-        status=row.status.value,
-        sends=row.sends,
-        starts=row.starts,
-        failures=row.failures,
-        last_error=row.last_error,
-        dispatched_at=row.dispatched_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        waited_ms=_ms(row.dispatched_at, row.started_at),
-        ran_ms=_ms(row.started_at, row.finished_at),
+class RequestPage(_Wire):
+    items: list[RequestSummary] = Field(description="Newest first")
+    next: str | None = Field(description="The cursor of the next page; null on the last")
+
+
+# --- the budget, readiness ---------------------------------------------------------------------
+
+
+class BudgetView(_Wire):
+    """The budget keeper's buckets now, and what the budget paid for lately."""
+
+    backend: str
+    budget_per_request: float = Field(description="Cost units each request adds (B)")
+    burst: float = Field(description="The spend bucket's capacity (C)")
+    extra_cost: dict[str, float] = Field(description="What each tier takes from the budget")
+    buckets: dict[str, float] | None = Field(
+        description="Tokens per bucket and the keeper's counters (BudgetKeeper.stats)"
     )
+    buckets_error: str | None = Field(description="Why the buckets could not be read")
+    window_minutes: int
+    since: datetime
+    decisions: int = Field(description="Routing decisions in the window")
+    spent: float = Field(description="Cost units they drew")
+    allowed: float = Field(description="What the budget allowed them: B * decisions + C")
+    answers: dict[str, int] = Field(description="Requests each tier answered in the window")
+    generations: dict[str, int] = Field(description="Images made on each tier, explorations in")
+    tradeoff: float | None = Field(description="The policy's lambda in the latest decision")
 
 
-def _decision(row: RoutingDecision) -> DecisionView:
-    return DecisionView(
-        tier=row.tier,
-        wanted_tier=row.wanted_tier,
-        explored=list(row.explored),
-        predicted_quality=dict(row.predicted_quality),
-        predicted_metrics=row.predicted_metrics,
-        tradeoff=row.tradeoff,
-        spent=row.spent,
-        budget_reason=row.budget_reason,
-        router_version=row.router_version,
-        rerouted_from=row.rerouted_from,
-        reroute_reason=row.reroute_reason,
-        escalations=list(row.escalations),
-        decided_at=row.created_at,
-    )
-
-
-def _quality(row: QualityScore) -> QualityView:
-    return QualityView(
-        metrics_version=row.metrics_version,
-        mean=row.mean_score,
-        scores=dict(zip(row.scores["names"], row.scores["values"], strict=True)),
-    )
-
-
-def image_url(request_id: str, tier: str) -> str:
-    return f"/v1/requests/{request_id}/image?tier={tier}"
-
-
-def request_view(session: Session, request: GenerationRequest) -> RequestView:
-    """The view of one request, read in the caller's session."""
-    decision = queries.get_decision(session, request.id)
-    scores: dict[int, list[QualityView]] = {}
-    for score in queries.quality_scores_of(session, request.id):
-        scores.setdefault(score.generation_id, []).append(_quality(score))
-    return RequestView(
-        id=request.id,
-        status=request.status,
-        failure_reason=request.failure_reason,
-        created_at=request.created_at,
-        updated_at=request.updated_at,
-        prompt=request.prompt,
-        width=request.width,
-        height=request.height,
-        steps=request.steps,
-        seed=request.seed,
-        guidance_scale=request.guidance_scale,
-        idempotency_key=request.idempotency_key,
-        callback_url=request.callback_url,
-        metadata=request.client_metadata,
-        decision=None if decision is None else _decision(decision),
-        answer_tier=decision.tier
-        if decision is not None and request.status is Status.DONE
-        else None,
-        stages=[_step(row) for row in queries.steps_of(session, request.id)],
-        generations=[
-            GenerationView(
-                tier=g.tier,
-                model=g.model,
-                latency_ms=g.latency_ms,
-                worker=g.worker,
-                created_at=g.created_at,
-                image_path=g.image_path,
-                image_url=image_url(request.id, g.tier),
-                quality=scores.get(g.id, []),
-            )
-            for g in queries.generations_of(session, request.id)
-        ],
-    )
+class Readiness(_Wire):
+    status: str
+    checks: dict[str, str]

@@ -22,7 +22,8 @@ from db.models import Dispatch, GenerationRequest, RoutingDecision, Status, Step
 from db.session import session_scope
 from tests.filesystems import FILLER, can_mount, fill, remount, tmpfs
 from workers.app import flow
-from workers.entrypoints.http.app import create_app, max_body_bytes
+from workers.entrypoints.http.app import create_app
+from workers.entrypoints.http.body import max_body_bytes
 from workers.settings import Settings, get_settings
 
 pytestmark = pytest.mark.integration

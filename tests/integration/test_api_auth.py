@@ -21,7 +21,8 @@ from tests.fault.servers import free_port
 from tests.integration.test_api import Reply
 from tests.services import api_server
 from workers.entrypoints.cli import main as cli
-from workers.entrypoints.http.app import create_app, keys_required_at
+from workers.entrypoints.http.app import create_app
+from workers.entrypoints.http.deps import keys_required_at
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration

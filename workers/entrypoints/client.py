@@ -1,9 +1,11 @@
 """The t2iroute HTTP API from Python: a sync ``Client`` and an ``AsyncClient`` on httpx.
 
 Both have the same methods (the async ones awaited): ``submit``, ``get``, ``wait``,
-``image``, ``save_image``, ``list``, ``cancel`` and ``budget``. Results are typed (the
-pydantic models below mirror the API's JSON); every refusal, and every failure to get an
-answer, is raised as one exception type, ``APIError``, carrying the RFC 9457 problem details
+``image``, ``save_image``, ``list``, ``cancel`` and ``budget``, and one implementation of
+what they do: each call is a flow (``_Flow``) that yields what to send or how long to sleep,
+and each client only does the I/O, as httpx's auth flows serve its two clients. Results are
+typed, as the API's own models (``workers.schemas``); every refusal, and every failure to get
+an answer, is raised as one exception type, ``APIError``, carrying the RFC 9457 problem details
 the API sent (status, title, detail, the offending field).
 
 Retries. A connection error, a 5xx answer or a 429 is retried with exponential backoff and
@@ -42,7 +44,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -51,7 +53,20 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
+
+from workers.schemas import (
+    FINAL_STATES,
+    Accepted,
+    BudgetView,
+    DecisionView,
+    GenerationView,
+    QualityView,
+    RequestPage,
+    RequestSummary,
+    RequestView,
+    StepView,
+)
 
 __all__ = [
     "FINAL_STATES",
@@ -71,157 +86,34 @@ __all__ = [
     "WaitTimeout",
 ]
 
-#: The states a request never leaves.
-FINAL_STATES = frozenset({"done", "failed", "cancelled"})
-
 KEY_HEADER = "Idempotency-Key"
 USER_AGENT = "t2iroute-client/1"
 
 
 # --- results ---------------------------------------------------------------------------------
 
+#: Where a request stands (``GET /v1/requests/{id}``); ``final`` once it is done, failed or
+#: cancelled.
+RequestInfo = RequestView
+#: One step of a request (``route``, ``generate:TIER``, ``score:TIER``) and its timings.
+Stage = StepView
+#: What the router decided and what the budget keeper granted.
+Decision = DecisionView
+#: An image's quality, metric by metric, and their mean.
+Quality = QualityView
+#: One image made for the request: tier, model, latency, where the API serves it.
+Generation = GenerationView
+#: One page of a listing, newest first, and the cursor of the next (None on the last).
+Page = RequestPage
+#: ``GET /v1/budget``: the keeper's buckets now, and what the budget paid for lately.
+Budget = BudgetView
 
-class _Result(BaseModel):
-    """A result as the API sent it. Fields the API adds later are ignored, not refused, so
-    that an older client keeps working against a newer server."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class Submitted(_Result):
+class Submitted(Accepted):
     """A submitted request. ``created`` is false when the idempotency key named a request
     made before (a retry); ``idempotency_key`` is the key sent, the caller's or a new one."""
 
-    id: str
-    created: bool
-    enqueued: bool
     idempotency_key: str
-
-
-class Stage(_Result):
-    """One step of a request (``route``, ``generate:TIER``, ``score:TIER``) and its timings."""
-
-    step: str
-    status: str
-    sends: int
-    starts: int
-    failures: int
-    last_error: str | None
-    dispatched_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    waited_ms: float | None
-    ran_ms: float | None
-
-
-class Decision(_Result):
-    """What the router decided (the tier, each tier's predicted quality, the trade-off) and
-    what the budget keeper granted."""
-
-    tier: str
-    wanted_tier: str
-    explored: list[str]
-    predicted_quality: dict[str, float]
-    predicted_metrics: list[float] | None
-    tradeoff: float
-    spent: float
-    budget_reason: str
-    router_version: str
-    rerouted_from: str | None
-    reroute_reason: str | None
-    escalations: list[dict[str, Any]]
-    decided_at: datetime
-
-
-class Quality(_Result):
-    """An image's quality, metric by metric, and their mean."""
-
-    metrics_version: str
-    mean: float
-    scores: dict[str, float]
-
-
-class Generation(_Result):
-    """One image made for the request: tier, model, latency, where the API serves it."""
-
-    tier: str
-    model: str
-    latency_ms: float
-    worker: str | None
-    created_at: datetime
-    image_path: str
-    image_url: str
-    quality: list[Quality]
-
-
-class RequestInfo(_Result):
-    """Where a request stands: ``GET /v1/requests/{id}``."""
-
-    id: str
-    status: str
-    failure_reason: str | None
-    created_at: datetime
-    updated_at: datetime
-    prompt: str
-    width: int
-    height: int
-    steps: int | None
-    seed: int
-    guidance_scale: float | None
-    idempotency_key: str | None
-    callback_url: str | None
-    metadata: dict[str, Any] | None
-    decision: Decision | None
-    answer_tier: str | None
-    stages: list[Stage]
-    generations: list[Generation]
-
-    @property
-    def final(self) -> bool:
-        """True once the request is done, failed or cancelled."""
-        return self.status in FINAL_STATES
-
-
-class RequestSummary(_Result):
-    """A request as a listing shows it; ``get(summary.id)`` has the whole view."""
-
-    id: str
-    status: str
-    tier: str | None
-    created_at: datetime
-    updated_at: datetime
-    idempotency_key: str | None
-    failure_reason: str | None
-    metadata: dict[str, Any] | None
-    url: str
-
-
-class Page(_Result):
-    """One page of a listing, newest first, and the cursor of the next (None on the last)."""
-
-    items: list[RequestSummary]
-    next: str | None
-
-
-class Budget(_Result):
-    """``GET /v1/budget``: the budget keeper's buckets now, and what the budget paid for in
-    the last ``window_minutes``: ``spent`` cost units against ``allowed`` (B per decision
-    plus the burst C), the requests each tier answered and the images made on each."""
-
-    backend: str
-    budget_per_request: float
-    burst: float
-    extra_cost: dict[str, float]
-    buckets: dict[str, float] | None
-    buckets_error: str | None
-    window_minutes: int
-    since: datetime
-    decisions: int
-    spent: float
-    allowed: float
-    answers: dict[str, int]
-    generations: dict[str, int]
-    tradeoff: float | None
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -388,41 +280,22 @@ def _checked(response: httpx.Response) -> httpx.Response:
 
 # --- the calls, shared by both clients --------------------------------------------------------
 
-R = TypeVar("R", bound=_Result)
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+#: A call's logic without its I/O, driven by a client's ``_run``: it yields a ``_Call`` to
+#: send (and is given the response, or has the transport's error thrown in) or the seconds to
+#: sleep (and is given None), and returns the result.
+_Flow = Generator[_Call | float, httpx.Response | None, T]
 
 
-def _parse(model: type[R], response: httpx.Response) -> R:
+def _parse(model: type[M], response: httpx.Response) -> M:
     return model.model_validate(response.json())
-
-
-def _submit_call(
-    prompt: str, idempotency_key: str | None, options: Mapping[str, Any]
-) -> tuple[_Call, str]:
-    key = idempotency_key if idempotency_key is not None else str(uuid.uuid4())
-    body = {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
-    # UTF-8 bytes: httpx would encode a str header as ASCII, and the API reads UTF-8.
-    call = _Call(
-        "POST", "/v1/requests", json=body, headers={KEY_HEADER.encode(): key.encode("utf-8")}
-    )
-    return call, key
-
-
-def _submitted(response: httpx.Response, key: str) -> Submitted:
-    return Submitted.model_validate({**response.json(), "idempotency_key": key})
 
 
 def _request_path(request_id: str, suffix: str = "") -> str:
     # A request id is a UUID; quoting keeps any other text inside its path segment.
     return f"/v1/requests/{quote(request_id, safe='')}{suffix}"
-
-
-def _image_call(request_id: str, tier: str | None) -> _Call:
-    params = {} if tier is None else {"tier": tier}
-    return _Call("GET", _request_path(request_id, "/image"), params=params)
-
-
-def _budget_call(window_minutes: int) -> _Call:
-    return _Call("GET", "/v1/budget", params={"window_minutes": str(window_minutes)})
 
 
 def _list_params(
@@ -467,7 +340,10 @@ class _Polling:
         return sleep
 
 
-class _Base:
+class _BaseClient:
+    """What ``Client`` and ``AsyncClient`` share: the policy and headers, and every call as a
+    flow; they differ only in how they send and sleep."""
+
     def __init__(self, api_key: str | None, retry: RetryPolicy) -> None:
         if retry.attempts is not None and retry.attempts < 1:
             raise ValueError("a retry policy needs at least one attempt")
@@ -478,11 +354,85 @@ class _Base:
         if api_key is not None:
             self._headers["Authorization"] = f"Bearer {api_key}"
 
+    def _exchange(self, call: _Call) -> _Flow[httpx.Response]:
+        """Send a call, retrying connection errors and 5xx and 429 answers; the answer,
+        checked."""
+        retries = _Retries(self.retry)
+        while True:
+            try:
+                response = yield call
+            except httpx.TransportError as exc:
+                wait = retries.wait()
+                if wait is None:
+                    raise _no_answer(call, exc, retries.tries) from exc
+                yield wait
+                continue
+            assert response is not None
+            wait = retries.wait(response) if _retryable(response) else None
+            if wait is None:
+                return _checked(response)
+            yield wait
+
+    def _submit(
+        self, prompt: str, idempotency_key: str | None, options: dict[str, Any]
+    ) -> _Flow[Submitted]:
+        key = idempotency_key if idempotency_key is not None else str(uuid.uuid4())
+        body = {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
+        # UTF-8 bytes: httpx would encode a str header as ASCII, and the API reads UTF-8.
+        headers = {KEY_HEADER.encode(): key.encode("utf-8")}
+        response = yield from self._exchange(
+            _Call("POST", "/v1/requests", json=body, headers=headers)
+        )
+        return Submitted.model_validate({**response.json(), "idempotency_key": key})
+
+    def _get(self, request_id: str) -> _Flow[RequestInfo]:
+        response = yield from self._exchange(_Call("GET", _request_path(request_id)))
+        return _parse(RequestInfo, response)
+
+    def _wait(
+        self, request_id: str, timeout: float, poll_interval: float, max_poll_interval: float
+    ) -> _Flow[RequestInfo]:
+        polling = _Polling(timeout, poll_interval, max_poll_interval)
+        while True:
+            request = yield from self._get(request_id)
+            if request.final:
+                return request
+            sleep = polling.next_sleep()
+            if sleep is None:
+                raise WaitTimeout(request_id, timeout, request)
+            yield sleep
+
+    def _image(self, request_id: str, tier: str | None) -> _Flow[bytes]:
+        params = {} if tier is None else {"tier": tier}
+        call = _Call("GET", _request_path(request_id, "/image"), params=params)
+        return (yield from self._exchange(call)).content
+
+    def _page(self, cursor: str | None, params: dict[str, str]) -> _Flow[Page]:
+        if cursor is not None:
+            params = {**params, "cursor": cursor}
+        response = yield from self._exchange(_Call("GET", "/v1/requests", params=params))
+        return _parse(Page, response)
+
+    def _cancel(self, request_id: str) -> _Flow[RequestInfo]:
+        response = yield from self._exchange(_Call("POST", _request_path(request_id, "/cancel")))
+        return _parse(RequestInfo, response)
+
+    def _budget(self, window_minutes: int) -> _Flow[Budget]:
+        call = _Call("GET", "/v1/budget", params={"window_minutes": str(window_minutes)})
+        return _parse(Budget, (yield from self._exchange(call)))
+
+
+def _step(flow: _Flow[T], outcome: httpx.Response | httpx.TransportError | None) -> _Call | float:
+    """The flow's next step, given what the last one came to; StopIteration at its end."""
+    if isinstance(outcome, httpx.TransportError):
+        return flow.throw(outcome)
+    return flow.send(outcome)
+
 
 # --- the sync client -------------------------------------------------------------------------
 
 
-class Client(_Base):
+class Client(_BaseClient):
     """The API over blocking HTTP.
 
     :param base_url: where the API listens, e.g. ``http://127.0.0.1:8000``.
@@ -525,25 +475,28 @@ class Client(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, call: _Call) -> httpx.Response:
-        """Send a call, retrying connection errors and 5xx and 429 answers; the answer,
-        checked."""
-        retries = _Retries(self.retry)
+    def _run(self, flow: _Flow[T]) -> T:
+        """Drive a call's flow: send what it sends, sleep what it sleeps; its result."""
+        outcome: httpx.Response | httpx.TransportError | None = None
         while True:
             try:
-                response = self._http.request(
-                    call.method, call.path, params=call.params, json=call.json, headers=call.headers
-                )
-            except httpx.TransportError as exc:
-                wait = retries.wait()
-                if wait is None:
-                    raise _no_answer(call, exc, retries.tries) from exc
-                time.sleep(wait)
-                continue
-            wait = retries.wait(response) if _retryable(response) else None
-            if wait is None:
-                return _checked(response)
-            time.sleep(wait)
+                step = _step(flow, outcome)
+            except StopIteration as done:
+                return done.value
+            if isinstance(step, _Call):
+                try:
+                    outcome = self._http.request(
+                        step.method,
+                        step.path,
+                        params=step.params,
+                        json=step.json,
+                        headers=step.headers,
+                    )
+                except httpx.TransportError as exc:
+                    outcome = exc
+            else:
+                time.sleep(step)
+                outcome = None
 
     def submit(
         self,
@@ -568,24 +521,20 @@ class Client(_Base):
             its callback.
 
         ``client.submit("a red bicycle", seed=3).id`` is the new request's id."""
-        call, key = _submit_call(
-            prompt,
-            idempotency_key,
-            {
-                "width": width,
-                "height": height,
-                "steps": steps,
-                "seed": seed,
-                "guidance_scale": guidance_scale,
-                "callback_url": callback_url,
-                "metadata": metadata,
-            },
-        )
-        return _submitted(self._send(call), key)
+        options = {
+            "width": width,
+            "height": height,
+            "steps": steps,
+            "seed": seed,
+            "guidance_scale": guidance_scale,
+            "callback_url": callback_url,
+            "metadata": metadata,
+        }
+        return self._run(self._submit(prompt, idempotency_key, options))
 
     def get(self, request_id: str) -> RequestInfo:
         """Where a request stands: ``client.get(id).status``."""
-        return _parse(RequestInfo, self._send(_Call("GET", _request_path(request_id))))
+        return self._run(self._get(request_id))
 
     def wait(
         self,
@@ -600,21 +549,13 @@ class Client(_Base):
         ``WaitTimeout`` (an ``APIError``) after ``timeout`` seconds.
 
         ``client.wait(client.submit("a cat").id, timeout=60).answer_tier``"""
-        polling = _Polling(timeout, poll_interval, max_poll_interval)
-        while True:
-            request = self.get(request_id)
-            if request.final:
-                return request
-            sleep = polling.next_sleep()
-            if sleep is None:
-                raise WaitTimeout(request_id, timeout, request)
-            time.sleep(sleep)
+        return self._run(self._wait(request_id, timeout, poll_interval, max_poll_interval))
 
     def image(self, request_id: str, *, tier: str | None = None) -> bytes:
         """The answer's image (PNG bytes), or the image made on ``tier`` (an explored one).
         Before the request is done the API answers 404 (not there yet); for a request that
         failed or was cancelled, 409 (there never will be one): both raised as ``APIError``."""
-        return self._send(_image_call(request_id, tier)).content
+        return self._run(self._image(request_id, tier))
 
     def save_image(self, request_id: str, path: str | Path, *, tier: str | None = None) -> Path:
         """Write the image (``image``) to ``path``; the path."""
@@ -637,9 +578,7 @@ class Client(_Base):
         params = _list_params(
             status, tier, created_after, created_before, idempotency_key, page_size
         )
-        if cursor is not None:
-            params["cursor"] = cursor
-        return _parse(Page, self._send(_Call("GET", "/v1/requests", params=params)))
+        return self._run(self._page(cursor, params))
 
     def list(
         self,
@@ -662,38 +601,30 @@ class Client(_Base):
         :param idempotency_key: the request made with this key.
 
         ``[r.id for r in client.list(status="failed", created_after=yesterday)]``"""
-        cursor = None
-        while True:
-            page = self.page(
-                cursor=cursor,
-                status=status,
-                tier=tier,
-                created_after=created_after,
-                created_before=created_before,
-                idempotency_key=idempotency_key,
-                page_size=page_size,
-            )
+        params = _list_params(
+            status, tier, created_after, created_before, idempotency_key, page_size
+        )
+        page = self._run(self._page(None, params))
+        yield from page.items
+        while page.next is not None:
+            page = self._run(self._page(page.next, params))
             yield from page.items
-            if page.next is None:
-                return
-            cursor = page.next
 
     def cancel(self, request_id: str) -> RequestInfo:
         """Cancel a request that has not started generating; the request after it. A
         request already generating, or ended otherwise, is refused (``APIError``, 409)."""
-        path = _request_path(request_id, "/cancel")
-        return _parse(RequestInfo, self._send(_Call("POST", path)))
+        return self._run(self._cancel(request_id))
 
     def budget(self, *, window_minutes: int = 60) -> Budget:
         """The budget keeper's buckets and the spend of the last ``window_minutes`` against
         the budget, with per-tier counts: ``client.budget().spent``."""
-        return _parse(Budget, self._send(_budget_call(window_minutes)))
+        return self._run(self._budget(window_minutes))
 
 
 # --- the async client ------------------------------------------------------------------------
 
 
-class AsyncClient(_Base):
+class AsyncClient(_BaseClient):
     """``Client``'s methods, awaited, on ``httpx.AsyncClient``; ``list`` is an async
     iterator. The parameters are ``Client``'s (``transport`` an ``httpx.AsyncBaseTransport``).
 
@@ -733,23 +664,28 @@ class AsyncClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, call: _Call) -> httpx.Response:
-        retries = _Retries(self.retry)
+    async def _run(self, flow: _Flow[T]) -> T:
+        """``Client._run``, awaiting the sends and the sleeps."""
+        outcome: httpx.Response | httpx.TransportError | None = None
         while True:
             try:
-                response = await self._http.request(
-                    call.method, call.path, params=call.params, json=call.json, headers=call.headers
-                )
-            except httpx.TransportError as exc:
-                wait = retries.wait()
-                if wait is None:
-                    raise _no_answer(call, exc, retries.tries) from exc
-                await asyncio.sleep(wait)
-                continue
-            wait = retries.wait(response) if _retryable(response) else None
-            if wait is None:
-                return _checked(response)
-            await asyncio.sleep(wait)
+                step = _step(flow, outcome)
+            except StopIteration as done:
+                return done.value
+            if isinstance(step, _Call):
+                try:
+                    outcome = await self._http.request(
+                        step.method,
+                        step.path,
+                        params=step.params,
+                        json=step.json,
+                        headers=step.headers,
+                    )
+                except httpx.TransportError as exc:
+                    outcome = exc
+            else:
+                await asyncio.sleep(step)
+                outcome = None
 
     async def submit(
         self,
@@ -765,24 +701,20 @@ class AsyncClient(_Base):
         metadata: dict[str, Any] | None = None,
     ) -> Submitted:
         """``Client.submit``."""
-        call, key = _submit_call(
-            prompt,
-            idempotency_key,
-            {
-                "width": width,
-                "height": height,
-                "steps": steps,
-                "seed": seed,
-                "guidance_scale": guidance_scale,
-                "callback_url": callback_url,
-                "metadata": metadata,
-            },
-        )
-        return _submitted(await self._send(call), key)
+        options = {
+            "width": width,
+            "height": height,
+            "steps": steps,
+            "seed": seed,
+            "guidance_scale": guidance_scale,
+            "callback_url": callback_url,
+            "metadata": metadata,
+        }
+        return await self._run(self._submit(prompt, idempotency_key, options))
 
     async def get(self, request_id: str) -> RequestInfo:
         """``Client.get``."""
-        return _parse(RequestInfo, await self._send(_Call("GET", _request_path(request_id))))
+        return await self._run(self._get(request_id))
 
     async def wait(
         self,
@@ -793,19 +725,11 @@ class AsyncClient(_Base):
         max_poll_interval: float = 5.0,
     ) -> RequestInfo:
         """``Client.wait``."""
-        polling = _Polling(timeout, poll_interval, max_poll_interval)
-        while True:
-            request = await self.get(request_id)
-            if request.final:
-                return request
-            sleep = polling.next_sleep()
-            if sleep is None:
-                raise WaitTimeout(request_id, timeout, request)
-            await asyncio.sleep(sleep)
+        return await self._run(self._wait(request_id, timeout, poll_interval, max_poll_interval))
 
     async def image(self, request_id: str, *, tier: str | None = None) -> bytes:
         """``Client.image``."""
-        return (await self._send(_image_call(request_id, tier))).content
+        return await self._run(self._image(request_id, tier))
 
     async def save_image(
         self, request_id: str, path: str | Path, *, tier: str | None = None
@@ -830,9 +754,7 @@ class AsyncClient(_Base):
         params = _list_params(
             status, tier, created_after, created_before, idempotency_key, page_size
         )
-        if cursor is not None:
-            params["cursor"] = cursor
-        return _parse(Page, await self._send(_Call("GET", "/v1/requests", params=params)))
+        return await self._run(self._page(cursor, params))
 
     async def list(
         self,
@@ -845,28 +767,21 @@ class AsyncClient(_Base):
         page_size: int | None = None,
     ) -> AsyncIterator[RequestSummary]:
         """``Client.list``, as an async iterator: ``async for r in client.list(): ...``"""
-        cursor = None
-        while True:
-            page = await self.page(
-                cursor=cursor,
-                status=status,
-                tier=tier,
-                created_after=created_after,
-                created_before=created_before,
-                idempotency_key=idempotency_key,
-                page_size=page_size,
-            )
+        params = _list_params(
+            status, tier, created_after, created_before, idempotency_key, page_size
+        )
+        page = await self._run(self._page(None, params))
+        for item in page.items:
+            yield item
+        while page.next is not None:
+            page = await self._run(self._page(page.next, params))
             for item in page.items:
                 yield item
-            if page.next is None:
-                return
-            cursor = page.next
 
     async def cancel(self, request_id: str) -> RequestInfo:
         """``Client.cancel``."""
-        path = _request_path(request_id, "/cancel")
-        return _parse(RequestInfo, await self._send(_Call("POST", path)))
+        return await self._run(self._cancel(request_id))
 
     async def budget(self, *, window_minutes: int = 60) -> Budget:
         """``Client.budget``."""
-        return _parse(Budget, await self._send(_budget_call(window_minutes)))
+        return await self._run(self._budget(window_minutes))
