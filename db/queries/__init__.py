@@ -1,9 +1,9 @@
 """The queries the workers need, one module per subject: ``requests``, ``steps`` (the
 dispatches), ``tiers`` (tier health), ``decisions``, ``generations`` (images and their
-quality scores), ``pairs`` (labelled pairs), ``versions`` (router versions), ``callbacks``
-(the outbox) and ``reports`` (traffic reads and the scrape's counts), over ``common``
-(idempotent inserts, the database clock). Every public name is gathered here: callers write
-``from db import queries`` and ``queries.transition(...)``.
+quality scores), ``pairs`` (labelled pairs), ``versions`` (router versions), ``keys`` (the
+API's keys), ``callbacks`` (the outbox) and ``reports`` (traffic reads and the scrape's
+counts), over ``common`` (idempotent inserts, the database clock). Every public name is
+gathered here: callers write ``from db import queries`` and ``queries.transition(...)``.
 
 Inserts are ``ON CONFLICT DO NOTHING`` and state changes are conditional, so a late or
 duplicate delivery changes nothing. The batched forms (``get_requests``, ``start_steps``...)
@@ -46,6 +46,7 @@ from db.queries.generations import (
     scored_tiers,
     scored_tiers_many,
 )
+from db.queries.keys import api_key_by_hash, api_keys, revoke_api_key
 from db.queries.pairs import labelled_pairs, labelled_prompts, training_pairs
 from db.queries.reports import (
     BatchRows,
@@ -119,6 +120,8 @@ __all__ = [
     "StepStart",
     "WindowDecision",
     "active_router_version",
+    "api_key_by_hash",
+    "api_keys",
     "batch_rows",
     "callback_attempts",
     "callback_delivery",
@@ -162,6 +165,7 @@ __all__ = [
     "record_tier_failure",
     "record_tier_success",
     "requests_by_state_and_tier",
+    "revoke_api_key",
     "router_events",
     "router_version",
     "router_versions",

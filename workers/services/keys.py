@@ -15,10 +15,10 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from db import queries
 from db.models import ApiKey
 
 __all__ = [
@@ -109,22 +109,17 @@ def create_key(session: Session, name: str, *, admin: bool = False) -> NewKey:
 
 def list_keys(session: Session) -> list[ApiKey]:
     """Every key, revoked ones included, oldest first."""
-    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+    return queries.api_keys(session)
 
 
 def revoke_key(session: Session, name: str) -> bool:
     """Revoke the key named ``name`` from now on. False if there is none, or it was revoked
     already (the first revocation's time stands)."""
-    result = session.execute(
-        update(ApiKey)
-        .where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
-        .values(revoked_at=func.now())
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return queries.revoke_api_key(session, name)
 
 
 def authenticate(session: Session, key: str) -> ApiKey | None:
     """The live key ``key`` is, or None (unknown or revoked). The lookup compares hashes, so
     whatever its timing tells is about the hash of a guess, which says nothing of any key."""
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+    row = queries.api_key_by_hash(session, hash_key(key))
     return None if row is None or row.revoked_at is not None else row
