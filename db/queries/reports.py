@@ -1,8 +1,9 @@
 """Reads for reports and scrapes: requests counted by state (and answering tier), what the
 budget paid for since a moment (the API's spend report), the rows of a batch's outcome and of
-a time window (``workers.services.traffic``), and the states of the requests recently decided
-(``workers.services.telemetry``). Percentiles and time bins are computed by the callers, so
-that every statement here is portable SQL (the embedded demo runs on SQLite)."""
+a time window (``workers.services.traffic``), the states of the requests recently decided
+(``workers.services.telemetry``), and the totals a replay checks its own accounting against
+(``workers.offline.replay``). Percentiles and time bins are computed by the callers, so that
+every statement here is portable SQL (the embedded demo runs on SQLite)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,27 @@ from typing import NamedTuple
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Dispatch, Generation, GenerationRequest, QualityScore, RoutingDecision, Status
+from db.models import (
+    Dispatch,
+    Generation,
+    GenerationRequest,
+    QualityScore,
+    RouterEventRow,
+    RouterVersion,
+    RoutingDecision,
+    Status,
+)
 
 __all__ = [
     "BatchRows",
     "Spend",
     "WindowDecision",
     "batch_rows",
+    "count_explored_decisions",
+    "count_requests",
+    "count_router_events",
+    "count_router_versions",
+    "generations_by_tier",
     "recent_states",
     "requests_by_state_and_tier",
     "spend_since",
@@ -262,3 +277,32 @@ def window_score_times(session: Session, since: datetime) -> list[tuple[str, dat
         .where(GenerationRequest.created_at >= since)
     )
     return [(tier, created, score) for tier, created, score in rows]
+
+
+def count_requests(session: Session) -> int:
+    """Every request ever made."""
+    return int(session.scalar(select(func.count(GenerationRequest.id))) or 0)
+
+
+def generations_by_tier(session: Session) -> dict[str, int]:
+    """The images made on each tier, ever (explorations included)."""
+    rows = session.execute(select(Generation.tier, func.count()).group_by(Generation.tier))
+    return {tier: n for tier, n in rows}
+
+
+def count_explored_decisions(session: Session) -> int:
+    """The routing decisions that explored at least one tier besides the answering one."""
+    return sum(len(e) > 0 for e in session.scalars(select(RoutingDecision.explored)))
+
+
+def count_router_versions(session: Session) -> int:
+    """Every router version ever registered."""
+    return int(session.scalar(select(func.count(RouterVersion.id))) or 0)
+
+
+def count_router_events(session: Session, event: str) -> int:
+    """The router events of one kind (``promoted``, ``refused``...), ever."""
+    return int(
+        session.scalar(select(func.count(RouterEventRow.id)).where(RouterEventRow.event == event))
+        or 0
+    )

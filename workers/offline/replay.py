@@ -323,18 +323,13 @@ def _tick(
 
 def _read_back(settings: Settings) -> dict[str, float]:
     """What the database says happened: for checking the run's own accounting."""
-    from sqlalchemy import func, select
-
-    from db.models import RouterEventRow, RouterVersion, RoutingDecision
-
     with session_scope(settings.database_url) as session:
         cost = {t.name: t.cost for t in settings.pool}
-        generated = session.execute(select(Generation.tier, func.count()).group_by(Generation.tier))
-        explored = [len(e) > 0 for e in session.scalars(select(RoutingDecision.explored))]
+        generated = queries.generations_by_tier(session)
         return {
-            "requests": float(session.scalar(select(func.count(GenerationRequest.id))) or 0),
-            "spend": float(sum(cost[tier] * n for tier, n in generated)),
-            "explored": float(sum(explored)),
+            "requests": float(queries.count_requests(session)),
+            "spend": float(sum(cost[tier] * n for tier, n in generated.items())),
+            "explored": float(queries.count_explored_decisions(session)),
             "labelled_pairs": float(
                 len(
                     queries.labelled_pairs(
@@ -345,17 +340,7 @@ def _read_back(settings: Settings) -> dict[str, float]:
                     )
                 )
             ),
-            "router_versions": float(session.scalar(select(func.count(RouterVersion.id))) or 0),
-            "promoted_events": float(
-                session.scalar(
-                    select(func.count(RouterEventRow.id)).where(RouterEventRow.event == "promoted")
-                )
-                or 0
-            ),
-            "refused_events": float(
-                session.scalar(
-                    select(func.count(RouterEventRow.id)).where(RouterEventRow.event == "refused")
-                )
-                or 0
-            ),
+            "router_versions": float(queries.count_router_versions(session)),
+            "promoted_events": float(queries.count_router_events(session, "promoted")),
+            "refused_events": float(queries.count_router_events(session, "refused")),
         }
