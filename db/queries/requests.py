@@ -28,6 +28,7 @@ __all__ = [
     "Cancellation",
     "RequestFilter",
     "cancel",
+    "count_final",
     "fail",
     "get_request",
     "get_requests",
@@ -48,6 +49,17 @@ def get_requests(session: Session, request_ids: Sequence[str]) -> dict[str, Gene
         select(GenerationRequest).where(GenerationRequest.id.in_(list(request_ids)))
     )
     return {row.id: row for row in rows}
+
+
+def count_final(session: Session, request_ids: Sequence[str]) -> int:
+    """How many of these requests are final (done, failed or cancelled)."""
+    finished = session.scalar(
+        select(func.count()).where(
+            GenerationRequest.id.in_(list(request_ids)),
+            GenerationRequest.status.in_(FINAL_STATUSES),
+        )
+    )
+    return int(finished or 0)
 
 
 def transition(

@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
-
-from db.models import FINAL_STATUSES, GenerationRequest
+from db import queries
 from db.session import session_scope
 from workers.services.producer import InvalidRequest, parse_request, submit
 from workers.services.traffic import BatchOutcome, batch_outcome
@@ -147,12 +145,8 @@ def wait_until_final(
     deadline = time.monotonic() + timeout
     while True:
         with session_scope(settings.database_url) as session:
-            finished = session.scalar(
-                select(func.count()).where(
-                    GenerationRequest.id.in_(ids), GenerationRequest.status.in_(FINAL_STATUSES)
-                )
-            )
-        on_poll(int(finished or 0))
+            finished = queries.count_final(session, ids)
+        on_poll(finished)
         if finished == len(ids) or time.monotonic() >= deadline:
             break
         time.sleep(POLL_SECONDS)
