@@ -79,6 +79,7 @@ from db.queries.requests import (
     get_request,
     get_requests,
     list_requests,
+    request_by_idempotency_key,
     transition,
     transition_many,
 )
@@ -176,6 +177,7 @@ __all__ = [
     "record_steps_many",
     "record_tier_failure",
     "record_tier_success",
+    "request_by_idempotency_key",
     "requests_by_state_and_tier",
     "revoke_api_key",
     "router_events",

@@ -33,6 +33,7 @@ __all__ = [
     "get_request",
     "get_requests",
     "list_requests",
+    "request_by_idempotency_key",
     "transition",
     "transition_many",
 ]
@@ -49,6 +50,21 @@ def get_requests(session: Session, request_ids: Sequence[str]) -> dict[str, Gene
         select(GenerationRequest).where(GenerationRequest.id.in_(list(request_ids)))
     )
     return {row.id: row for row in rows}
+
+
+def request_by_idempotency_key(
+    session: Session, idempotency_key: str, api_key_id: int | None
+) -> GenerationRequest | None:
+    """The request made with ``idempotency_key`` by the API key ``api_key_id`` (None: by no
+    key, as the CLI makes them): a key is its caller's, two callers may use the same one."""
+    owner = (
+        GenerationRequest.api_key_id.is_(None)
+        if api_key_id is None
+        else GenerationRequest.api_key_id == api_key_id
+    )
+    return session.scalar(
+        select(GenerationRequest).where(GenerationRequest.idempotency_key == idempotency_key, owner)
+    )
 
 
 def count_final(session: Session, request_ids: Sequence[str]) -> int:

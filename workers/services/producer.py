@@ -19,7 +19,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
-from sqlalchemy import select
 
 from db import queries
 from db.models import GenerationRequest, Status
@@ -396,16 +395,7 @@ def submit(
                     "status": Status.QUEUED,
                 },
             )
-            owner = (
-                GenerationRequest.api_key_id.is_(None)
-                if api_key_id is None
-                else GenerationRequest.api_key_id == api_key_id
-            )
-            row = session.scalar(
-                select(GenerationRequest).where(
-                    GenerationRequest.idempotency_key == spec.idempotency_key, owner
-                )
-            )
+            row = queries.request_by_idempotency_key(session, spec.idempotency_key, api_key_id)
             assert row is not None
             if not created:
                 _check_same(row, values, spec)
