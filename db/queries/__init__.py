@@ -26,7 +26,7 @@ from db.queries.callbacks import (
     record_callbacks,
     settle_callback,
 )
-from db.queries.common import database_now, insert_ignore, insert_ignore_many
+from db.queries.common import database_now, insert_ignore, insert_ignore_many, ping
 from db.queries.decisions import (
     get_decision,
     get_decisions,
@@ -166,6 +166,7 @@ __all__ = [
     "mean_quality_of",
     "overdue_callbacks",
     "overdue_steps",
+    "ping",
     "promote_router_version",
     "quality_scores_of",
     "recent_predictions",

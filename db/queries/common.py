@@ -1,5 +1,5 @@
 """What the queries of every subject share: the dialect's INSERT (which knows ON CONFLICT),
-inserts that a unique constraint makes idempotent, and the database's clock.
+inserts that a unique constraint makes idempotent, the database's clock, and a ping.
 ``dialect_insert`` and ``as_datetime`` serve the subject modules of this package only: the
 package does not re-export them."""
 
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, inspect, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -19,6 +19,7 @@ __all__ = [
     "database_now",
     "insert_ignore",
     "insert_ignore_many",
+    "ping",
 ]
 
 
@@ -47,6 +48,12 @@ def insert_ignore_many(session: Session, model: type[Base], rows: Sequence[dict[
     key = inspect(model).primary_key[0]
     statement = dialect_insert(session, model).values(list(rows)).on_conflict_do_nothing()
     return len(session.execute(statement.returning(key)).all())
+
+
+def ping(session: Session) -> None:
+    """Ask the database a trivial question (``SELECT 1``): it raises unless the database
+    answers (the readiness probe)."""
+    session.execute(text("SELECT 1"))
 
 
 def database_now(session: Session) -> datetime:

@@ -6,8 +6,8 @@ import logging
 from collections.abc import Callable
 
 from fastapi import APIRouter
-from sqlalchemy import text
 
+from db import queries
 from db.session import session_scope
 from workers.entrypoints.http.deps import SettingsDep
 from workers.entrypoints.http.problems import Problem, problem_responses
@@ -35,7 +35,7 @@ def health() -> dict[str, str]:
 
 def _database(settings: Settings) -> None:
     with session_scope(settings.database_url) as session:
-        session.execute(text("SELECT 1"))
+        queries.ping(session)
 
 
 def _broker(settings: Settings) -> None:
