@@ -25,7 +25,7 @@ from db.models import GenerationRequest, Status
 from db.session import session_scope
 from workers import egress
 from workers.app import flow
-from workers.schemas import request_view
+from workers.services.views import request_view
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
