@@ -220,7 +220,7 @@ def _give_up(
     session: Session, request_id: str, step: Step, reason: str, settings: Settings
 ) -> list[Step]:
     log.error("%s of %s gave up: %s", step.key, request_id, reason)
-    return stages.give_up(session, request_id, step, reason, budget_keeper(), settings.pool)
+    return stages.give_up(session, request_id, step, reason, budget_keeper(settings), settings.pool)
 
 
 def _failed_attempt(

@@ -83,7 +83,7 @@ def sweep() -> int:
             session,
             settings,
             lambda: read_broker(app, settings.queues.values()),
-            budget_keeper(),
+            budget_keeper(settings),
             settings.pool,
         )
     flow.send(app, resends)

@@ -21,7 +21,10 @@ def escalation(settings: Settings) -> stages.Escalation | None:
     if settings.escalation_threshold is None or settings.max_escalations == 0:
         return None
     return stages.Escalation(
-        settings.escalation_threshold, settings.max_escalations, budget_keeper(), settings.pool
+        settings.escalation_threshold,
+        settings.max_escalations,
+        budget_keeper(settings),
+        settings.pool,
     )
 
 
@@ -34,7 +37,11 @@ def _tier_key(key: StepKey) -> stages.Key:
 def route(keys: list[StepKey], settings: Settings) -> dict[StepKey, stages.Outcome]:
     with telemetry.decision_timer(len(keys)), session_scope(settings.database_url) as session:
         outcomes = stages.route_requests(
-            session, [rid for rid, _ in keys], router_service(), budget_keeper(), settings.pool
+            session,
+            [rid for rid, _ in keys],
+            router_service(settings),
+            budget_keeper(settings),
+            settings.pool,
         )
     return {(rid, flow.ROUTE): outcomes[rid] for rid, _ in keys}
 
@@ -51,7 +58,7 @@ def generate(keys: list[StepKey], settings: Settings, worker: str) -> dict[StepK
         elif job is not None:
             renders[_tier_key(key)] = job
     # Rendered outside any transaction: a GPU call holds no database connection.
-    images = stages.render(renders, settings, image_store(), worker)
+    images = stages.render(renders, settings, image_store(settings), worker)
     made = {_tier_key(key): images.get(_tier_key(key)) for key in keys if key not in outcomes}
     if made:
         with session_scope(settings.database_url) as session:
@@ -68,7 +75,7 @@ def score(keys: list[StepKey], settings: Settings) -> dict[StepKey, stages.Outco
             session,
             [_tier_key(key) for key in keys],
             scorer=quality_scorer(settings),
-            store=image_store(),
+            store=image_store(settings),
             escalation=escalation(settings),
         )
     return {(rid, flow.score(tier)): outcome for (rid, tier), outcome in outcomes.items()}

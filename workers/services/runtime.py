@@ -6,10 +6,11 @@ load are there."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, TypeVar
 
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
@@ -18,7 +19,7 @@ from workers.services.budget import BudgetKeeper, budget_keeper_from_settings
 from workers.services.images import ImageStore
 from workers.services.pipelines import load_clip, load_pipeline
 from workers.services.router import RouterService
-from workers.settings import Settings, get_settings
+from workers.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +101,30 @@ def _model_setting(settings: Settings, tier: str) -> str:
     return f"T2IROUTE_{tier.upper()}_MODEL"
 
 
-@lru_cache(maxsize=1)
-def router_service() -> RouterService:
-    return RouterService(get_settings())
+T = TypeVar("T")
+
+# The clients built from a settings object, kept while the process runs: every caller passes
+# the settings it was given (a worker process has one object, read once), and gets the same
+# client for the same object.
+_BUILT: dict[tuple[str, int], tuple[Settings, Any]] = {}
 
 
-@lru_cache(maxsize=1)
-def budget_keeper() -> BudgetKeeper:
-    return budget_keeper_from_settings(get_settings())
+def _built(kind: str, settings: Settings, build: Callable[[Settings], T]) -> T:
+    key = (kind, id(settings))
+    if key not in _BUILT:
+        # The settings are held beside their client, so that their id is never reused.
+        _BUILT[key] = (settings, build(settings))
+    client: T = _BUILT[key][1]
+    return client
 
 
-@lru_cache(maxsize=1)
-def image_store() -> ImageStore:
-    return ImageStore(get_settings().image_store)
+def router_service(settings: Settings) -> RouterService:
+    return _built("router", settings, RouterService)
+
+
+def budget_keeper(settings: Settings) -> BudgetKeeper:
+    return _built("budget", settings, budget_keeper_from_settings)
+
+
+def image_store(settings: Settings) -> ImageStore:
+    return _built("images", settings, lambda s: ImageStore(s.image_store))
