@@ -55,7 +55,7 @@ def break_ties(prediction: Prediction, request_id: str, pool: Pool) -> Predictio
 def answer_budget(settings: Settings) -> float:
     """The spend per request above the cheapest tier that the answers may use: the budget
     less what exploration is expected to take (its rate times the mean extra cost of an
-    exploration sample, ``stages._exploration``: the cheapest tier and one other). The
+    exploration sample, ``stages.route._exploration``: the cheapest tier and one other). The
     trade-off is calibrated to this, so that answers and exploration together meet the
     budget and the keeper's refusals stay the exception, not the way the budget is kept."""
     budget = BudgetLimits.from_settings(settings).budget_per_request
