@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 from urllib.parse import quote
 
 import httpx
@@ -76,12 +76,14 @@ __all__ = [
     "Client",
     "Decision",
     "Generation",
+    "ListFilters",
     "Page",
     "Quality",
     "RequestInfo",
     "RequestSummary",
     "RetryPolicy",
     "Stage",
+    "SubmitOptions",
     "Submitted",
     "WaitTimeout",
 ]
@@ -263,6 +265,10 @@ class _Call:
     json: dict[str, Any] | None = None
     headers: dict[bytes, bytes] = field(default_factory=dict)
 
+    def options(self) -> dict[str, Any]:
+        """What httpx's ``request`` takes beside the method and the path."""
+        return {"params": self.params, "json": self.json, "headers": self.headers}
+
 
 def _no_answer(call: _Call, exc: httpx.TransportError, attempts: int) -> APIError:
     return APIError(
@@ -298,21 +304,53 @@ def _request_path(request_id: str, suffix: str = "") -> str:
     return f"/v1/requests/{quote(request_id, safe='')}{suffix}"
 
 
-def _list_params(
-    status: str | None,
-    tier: str | None,
-    created_after: datetime | None,
-    created_before: datetime | None,
-    idempotency_key: str | None,
-    page_size: int | None,
-) -> dict[str, str]:
+class SubmitOptions(TypedDict, total=False):
+    """What ``submit`` takes beside the prompt; an option left out takes the server's
+    default."""
+
+    width: int
+    height: int
+    steps: int
+    seed: int
+    guidance_scale: float
+    #: The same key again gives the same request (with the same parameters); without one a
+    #: new UUID is made, and every retry re-sends it.
+    idempotency_key: str
+    #: An http(s) URL the outcome is POSTed to when the request ends, signed
+    #: (``workers.stages.callbacks.verify_signature``).
+    callback_url: str
+    #: A JSON object of the caller's, handed back with the request and in its callback.
+    metadata: dict[str, Any]
+
+
+class ListFilters(TypedDict, total=False):
+    """Which requests ``list`` and ``page`` return (only the caller's own, unless its key is
+    an admin key), and how many a page holds."""
+
+    #: ``queued``, ``routed``, ``done``, ``failed`` or ``cancelled``.
+    status: str
+    #: Only requests routed to this tier.
+    tier: str
+    #: Made at or after this moment (a timezone-aware datetime).
+    created_after: datetime
+    #: Made before this moment.
+    created_before: datetime
+    #: The request made with this key.
+    idempotency_key: str
+    #: Requests per page, at most 200 (the server's default 50).
+    page_size: int
+
+
+def _list_params(filters: ListFilters) -> dict[str, str]:
+    after, before = filters.get("created_after"), filters.get("created_before")
+    size = filters.get("page_size")
     params = {
-        "status": status,
-        "tier": tier,
-        "created_after": None if created_after is None else created_after.isoformat(),
-        "created_before": None if created_before is None else created_before.isoformat(),
-        "idempotency_key": idempotency_key,
-        "limit": None if page_size is None else str(page_size),
+        "status": filters.get("status"),
+        "tier": filters.get("tier"),
+        "created_after": None if after is None else after.isoformat(),
+        "created_before": None if before is None else before.isoformat(),
+        "idempotency_key": filters.get("idempotency_key"),
+        "limit": None if size is None else str(size),
     }
     return {name: value for name, value in params.items() if value is not None}
 
@@ -344,7 +382,9 @@ class _BaseClient:
     """What ``Client`` and ``AsyncClient`` share: the policy and headers, and every call as a
     flow; they differ only in how they send and sleep."""
 
-    def __init__(self, api_key: str | None, retry: RetryPolicy) -> None:
+    def __init__(
+        self, base_url: str, api_key: str | None, timeout: float, retry: RetryPolicy
+    ) -> None:
         if retry.attempts is not None and retry.attempts < 1:
             raise ValueError("a retry policy needs at least one attempt")
         if retry.window < 0:
@@ -353,6 +393,13 @@ class _BaseClient:
         self._headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         if api_key is not None:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        #: What the httpx client of either kind is made with, beside its transport.
+        self._http_options: dict[str, Any] = {
+            "base_url": base_url,
+            "headers": self._headers,
+            "timeout": timeout,
+            "follow_redirects": False,
+        }
 
     def _exchange(self, call: _Call) -> _Flow[httpx.Response]:
         """Send a call, retrying connection errors and 5xx and 429 answers; the answer,
@@ -373,11 +420,11 @@ class _BaseClient:
                 return _checked(response)
             yield wait
 
-    def _submit(
-        self, prompt: str, idempotency_key: str | None, options: dict[str, Any]
-    ) -> _Flow[Submitted]:
-        key = idempotency_key if idempotency_key is not None else str(uuid.uuid4())
-        body = {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
+    def _submit(self, prompt: str, options: SubmitOptions) -> _Flow[Submitted]:
+        fields: dict[str, Any] = dict(options)
+        given = fields.pop("idempotency_key", None)
+        key = given if given is not None else str(uuid.uuid4())
+        body = {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
         # UTF-8 bytes: httpx would encode a str header as ASCII, and the API reads UTF-8.
         headers = {KEY_HEADER.encode(): key.encode("utf-8")}
         response = yield from self._exchange(
@@ -457,14 +504,8 @@ class Client(_BaseClient):
         retry: RetryPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        super().__init__(api_key, retry or RetryPolicy())
-        self._http = httpx.Client(
-            base_url=base_url,
-            headers=self._headers,
-            timeout=timeout,
-            transport=transport,
-            follow_redirects=False,
-        )
+        super().__init__(base_url, api_key, timeout, retry or RetryPolicy())
+        self._http = httpx.Client(transport=transport, **self._http_options)
 
     def __enter__(self) -> Client:
         return self
@@ -485,52 +526,17 @@ class Client(_BaseClient):
                 return done.value
             if isinstance(step, _Call):
                 try:
-                    outcome = self._http.request(
-                        step.method,
-                        step.path,
-                        params=step.params,
-                        json=step.json,
-                        headers=step.headers,
-                    )
+                    outcome = self._http.request(step.method, step.path, **step.options())
                 except httpx.TransportError as exc:
                     outcome = exc
             else:
                 time.sleep(step)
                 outcome = None
 
-    def submit(
-        self,
-        prompt: str,
-        *,
-        width: int | None = None,
-        height: int | None = None,
-        steps: int | None = None,
-        seed: int | None = None,
-        guidance_scale: float | None = None,
-        idempotency_key: str | None = None,
-        callback_url: str | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> Submitted:
-        """Submit a prompt; unstated parameters take the server's defaults.
-
-        :param idempotency_key: the same key again gives the same request (with the same
-            parameters); without one a new UUID is made, and every retry re-sends it.
-        :param callback_url: an http(s) URL the outcome is POSTed to when the request ends,
-            signed (``workers.stages.callbacks.verify_signature``).
-        :param metadata: a JSON object of the caller's, handed back with the request and in
-            its callback.
-
-        ``client.submit("a red bicycle", seed=3).id`` is the new request's id."""
-        options = {
-            "width": width,
-            "height": height,
-            "steps": steps,
-            "seed": seed,
-            "guidance_scale": guidance_scale,
-            "callback_url": callback_url,
-            "metadata": metadata,
-        }
-        return self._run(self._submit(prompt, idempotency_key, options))
+    def submit(self, prompt: str, **options: Unpack[SubmitOptions]) -> Submitted:
+        """Submit a prompt with its ``SubmitOptions``; unstated ones take the server's
+        defaults. ``client.submit("a red bicycle", seed=3).id`` is the new request's id."""
+        return self._run(self._submit(prompt, options))
 
     def get(self, request_id: str) -> RequestInfo:
         """Where a request stands: ``client.get(id).status``."""
@@ -563,47 +569,16 @@ class Client(_BaseClient):
         target.write_bytes(self.image(request_id, tier=tier))
         return target
 
-    def page(
-        self,
-        *,
-        cursor: str | None = None,
-        status: str | None = None,
-        tier: str | None = None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-        idempotency_key: str | None = None,
-        page_size: int | None = None,
-    ) -> Page:
+    def page(self, *, cursor: str | None = None, **filters: Unpack[ListFilters]) -> Page:
         """One page of the listing, newest first; ``cursor`` is the previous page's ``next``."""
-        params = _list_params(
-            status, tier, created_after, created_before, idempotency_key, page_size
-        )
-        return self._run(self._page(cursor, params))
+        return self._run(self._page(cursor, _list_params(filters)))
 
-    def list(
-        self,
-        *,
-        status: str | None = None,
-        tier: str | None = None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-        idempotency_key: str | None = None,
-        page_size: int | None = None,
-    ) -> Iterator[RequestSummary]:
-        """Every request that matches, newest first, fetched a page at a time (``page_size``
-        requests, at most 200; the server's default 50) by following each page's cursor.
-        Only the caller's own requests, unless its key is an admin key.
-
-        :param status: ``queued``, ``routed``, ``done``, ``failed`` or ``cancelled``.
-        :param tier: only requests routed to this tier.
-        :param created_after: made at or after this moment (a timezone-aware datetime).
-        :param created_before: made before this moment.
-        :param idempotency_key: the request made with this key.
+    def list(self, **filters: Unpack[ListFilters]) -> Iterator[RequestSummary]:
+        """Every request that matches the ``ListFilters``, newest first, fetched a page at a
+        time by following each page's cursor.
 
         ``[r.id for r in client.list(status="failed", created_after=yesterday)]``"""
-        params = _list_params(
-            status, tier, created_after, created_before, idempotency_key, page_size
-        )
+        params = _list_params(filters)
         page = self._run(self._page(None, params))
         yield from page.items
         while page.next is not None:
@@ -646,14 +621,8 @@ class AsyncClient(_BaseClient):
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        super().__init__(api_key, retry or RetryPolicy())
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            headers=self._headers,
-            timeout=timeout,
-            transport=transport,
-            follow_redirects=False,
-        )
+        super().__init__(base_url, api_key, timeout, retry or RetryPolicy())
+        self._http = httpx.AsyncClient(transport=transport, **self._http_options)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -674,43 +643,16 @@ class AsyncClient(_BaseClient):
                 return done.value
             if isinstance(step, _Call):
                 try:
-                    outcome = await self._http.request(
-                        step.method,
-                        step.path,
-                        params=step.params,
-                        json=step.json,
-                        headers=step.headers,
-                    )
+                    outcome = await self._http.request(step.method, step.path, **step.options())
                 except httpx.TransportError as exc:
                     outcome = exc
             else:
                 await asyncio.sleep(step)
                 outcome = None
 
-    async def submit(
-        self,
-        prompt: str,
-        *,
-        width: int | None = None,
-        height: int | None = None,
-        steps: int | None = None,
-        seed: int | None = None,
-        guidance_scale: float | None = None,
-        idempotency_key: str | None = None,
-        callback_url: str | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> Submitted:
+    async def submit(self, prompt: str, **options: Unpack[SubmitOptions]) -> Submitted:
         """``Client.submit``."""
-        options = {
-            "width": width,
-            "height": height,
-            "steps": steps,
-            "seed": seed,
-            "guidance_scale": guidance_scale,
-            "callback_url": callback_url,
-            "metadata": metadata,
-        }
-        return await self._run(self._submit(prompt, idempotency_key, options))
+        return await self._run(self._submit(prompt, options))
 
     async def get(self, request_id: str) -> RequestInfo:
         """``Client.get``."""
@@ -739,37 +681,13 @@ class AsyncClient(_BaseClient):
         target.write_bytes(await self.image(request_id, tier=tier))
         return target
 
-    async def page(
-        self,
-        *,
-        cursor: str | None = None,
-        status: str | None = None,
-        tier: str | None = None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-        idempotency_key: str | None = None,
-        page_size: int | None = None,
-    ) -> Page:
+    async def page(self, *, cursor: str | None = None, **filters: Unpack[ListFilters]) -> Page:
         """``Client.page``."""
-        params = _list_params(
-            status, tier, created_after, created_before, idempotency_key, page_size
-        )
-        return await self._run(self._page(cursor, params))
+        return await self._run(self._page(cursor, _list_params(filters)))
 
-    async def list(
-        self,
-        *,
-        status: str | None = None,
-        tier: str | None = None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-        idempotency_key: str | None = None,
-        page_size: int | None = None,
-    ) -> AsyncIterator[RequestSummary]:
+    async def list(self, **filters: Unpack[ListFilters]) -> AsyncIterator[RequestSummary]:
         """``Client.list``, as an async iterator: ``async for r in client.list(): ...``"""
-        params = _list_params(
-            status, tier, created_after, created_before, idempotency_key, page_size
-        )
+        params = _list_params(filters)
         page = await self._run(self._page(None, params))
         for item in page.items:
             yield item
