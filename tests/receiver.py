@@ -11,7 +11,30 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-__all__ = ["Received", "Receiver", "receiver"]
+__all__ = ["LoopbackServer", "Received", "Receiver", "receiver"]
+
+
+class LoopbackServer:
+    """A ``ThreadingHTTPServer`` on 127.0.0.1, serving in a daemon thread from the moment it
+    is made, with the handler class ``_handler`` returns; ``url`` is its base URL. A subclass
+    sets what its handler reads before calling ``__init__``."""
+
+    def __init__(self) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)

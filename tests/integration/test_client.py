@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from db.session import session_scope
 from tests.environment import SCRATCH
-from tests.receiver import receiver
+from tests.receiver import LoopbackServer, receiver
 from tests.services import celery_worker
 from workers.entrypoints import client as api_client
 from workers.entrypoints.client import (
@@ -208,7 +208,7 @@ def test_no_answer_at_all_is_an_api_error_after_the_retries() -> None:
 # --- retries: a proxy that loses the first answer ---------------------------------------------
 
 
-class LosingProxy:
+class LosingProxy(LoopbackServer):
     """Forwards every request to the API; the first ``POST /v1/requests`` is forwarded too,
     but its answer is lost on the way back: replaced by a 503 (``mode="503"``), or by a
     connection closed without an answer (``mode="drop"``). Records each POST's raw
@@ -219,18 +219,7 @@ class LosingProxy:
         self.mode = mode
         self.keys: list[bytes] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__()
 
     def _lose(self, method: str, path: str, key: bytes | None) -> bool:
         if method != "POST" or path != "/v1/requests":

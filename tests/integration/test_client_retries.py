@@ -19,13 +19,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
 
 from tests.environment import SCRATCH
 from tests.fault.servers import free_port
+from tests.receiver import LoopbackServer
 from workers.entrypoints.client import APIError, AsyncClient, Client, RetryPolicy, Submitted
 
 pytestmark = pytest.mark.integration
@@ -156,7 +157,7 @@ class Try:
 ACCEPTED = {"id": "00000000-0000-4000-8000-000000000001", "created": True, "enqueued": True}
 
 
-class Refusing:
+class Refusing(LoopbackServer):
     """A real HTTP server whose ``POST /v1/requests`` gets the scripted answers in turn (each
     computed when the request comes, so that an HTTP date is relative to then), then 202;
     records when each try came and its idempotency key."""
@@ -165,18 +166,7 @@ class Refusing:
         self.script = list(script)
         self.tries: list[Try] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__()
 
     def _next(self, key: str | None) -> tuple[int, dict[str, str], bytes]:
         with self._lock:
