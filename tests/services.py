@@ -70,42 +70,47 @@ def celery_worker(
         stop(process)
 
 
+def api_command(port: int) -> list[str]:
+    """``t2iroute api`` on loopback at ``port``, as this interpreter runs it."""
+    cli = "workers.entrypoints.cli.main"
+    return [sys.executable, "-m", cli, "api", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def wait_api_healthy(
+    process: subprocess.Popen[bytes], base: str, log_path: Path, timeout: float
+) -> None:
+    """Until the API at ``base`` answers ``/healthz``; raises, with its log, if it exits or
+    does not answer within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the API exited:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the API did not start:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.3)
+
+
 @contextmanager
 def api_server(*, env: dict[str, str] | None = None, timeout: float = 120.0) -> Iterator[str]:
     """``t2iroute api`` on a free loopback port, answering ``/healthz`` before the block runs,
     stopped after; its base URL. Its output is in ``SCRATCH / "api-PORT.log"``."""
     port = free_port()
     log_path = SCRATCH / f"api-{port}.log"
-    command = [
-        "-m",
-        "workers.entrypoints.cli.main",
-        "api",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, *command],
+            api_command(port),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the API exited:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the API did not start:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.3)
+        wait_api_healthy(process, base, log_path, timeout)
         yield base
     finally:
         stop(process)

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,12 +20,12 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler
 
-import httpx
 import pytest
 
 from tests.environment import SCRATCH
 from tests.fault.servers import free_port
 from tests.receiver import LoopbackServer
+from tests.services import api_command, wait_api_healthy
 from workers.entrypoints.client import APIError, AsyncClient, Client, RetryPolicy, Submitted
 
 pytestmark = pytest.mark.integration
@@ -51,32 +50,13 @@ class RestartingApi:
         self._restarter: threading.Thread | None = None
 
     def _start(self) -> subprocess.Popen[bytes]:
-        command = [
-            "-m",
-            "workers.entrypoints.cli.main",
-            "api",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
         with self.log.open("ab") as log:
             return subprocess.Popen(
-                [sys.executable, *command], stdout=log, stderr=subprocess.STDOUT, env=os.environ
+                api_command(self.port), stdout=log, stderr=subprocess.STDOUT, env=os.environ
             )
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the API exited:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"the API did not answer:\n{self.log.read_text()[-4000:]}")
+        wait_api_healthy(self.process, self.url, self.log, timeout)
 
     def restart_after(self, delay: float) -> None:
         self.process.send_signal(signal.SIGKILL)
